@@ -1,0 +1,92 @@
+"""The shared base config: every key the trainer reads, each with one line saying what it is.
+
+Config files in `configs/` start from `get_base_config()` and change what their run needs.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # PRNG seed for parameters, the train step's randomness and the data order.
+
+  # ---- Schedule length. ----
+  c.epochs = 100  # Passes over the clips of the data; sets total_steps when that is 0.
+  c.total_steps = 0  # Train steps; 0 derives it from `epochs` and the number of clips.
+  c.batch_size = 128  # Global batch in clips (summed over all hosts and devices).
+
+  # ---- Model. ----
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "S/16"  # ViT variant: Ti/S/B with patch 16 or 8 (e.g. "S/16", "B/8").
+  c.model.drop_path_rate = 0.1  # Stochastic depth in the student (the teacher uses none).
+  c.model.head_hidden_dim = 2048  # Hidden width of the DINO head's MLP.
+  c.model.head_bottleneck_dim = 256  # Width of the head's L2-normalised bottleneck.
+  c.model.head_layers = 3  # Layers in the head's MLP.
+  c.model.out_dim = 65536  # Prototypes in the head's weight-normalised last layer.
+  c.model.norm_last_layer = False  # Fix the last layer's weight-norm gain at 1.
+  c.model.compute_dtype = "float32"  # Matmul dtype: "float32" or "bfloat16" (params stay f32).
+
+  # ---- DoRA object discovery, tracking and masking (ignored when dora.enabled is False). ----
+  c.dora = ml_collections.ConfigDict()
+  c.dora.enabled = True  # False gives the DINO baseline: the student sees the full frames.
+  c.dora.num_objects = 3  # k: attention heads picked at random, one object each.
+  c.dora.sinkhorn_iters = 3  # Fixed Sinkhorn-Knopp iterations in `refine` (paper 3, ref code 30).
+  c.dora.sinkhorn_epsilon = 0.05  # Entropic regularisation of the OT step.
+  c.dora.mask_mode = "remove"  # "remove": drop a random non-empty object subset; "keep": one view per object.
+  c.dora.mask_threshold = "mean"  # Binarise heat maps above each row's mean ("mean") or a float.
+
+  # ---- DINO loss. ----
+  c.loss = ml_collections.ConfigDict()
+  c.loss.student_temp = 0.1  # Student softmax temperature.
+  c.loss.teacher_temp = 0.04  # Teacher temperature after warm-up.
+  c.loss.warmup_teacher_temp = 0.04  # Teacher temperature at step 0.
+  c.loss.warmup_teacher_temp_epochs = 30  # Epochs of linear teacher-temperature warm-up.
+  c.loss.center_momentum = 0.9  # EMA momentum of the teacher-output centre.
+
+  # ---- Optimiser. ----
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 5e-4  # Peak learning rate per 256 clips (scaled by batch_size / 256).
+  c.optim.min_lr = 1e-5  # Learning rate at the end of the cosine decay.
+  c.optim.warmup_epochs = 10  # Epochs of linear learning-rate warm-up.
+  c.optim.weight_decay = 0.04  # AdamW weight decay at step 0 (weight matrices and tokens only).
+  c.optim.weight_decay_end = 0.4  # Weight decay at the end (cosine schedule).
+  c.optim.clip_grad_norm = 3.0  # Global gradient-norm clip; 0 disables it.
+  c.optim.freeze_last_layer_epochs = 1  # Epochs with the head's last layer frozen.
+  c.optim.teacher_momentum = 0.996  # Teacher EMA momentum at step 0 (cosine to 1).
+
+  # ---- Data. ----
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # Folder of shards + manifest.json written by `dora-convert`.
+  c.data.video_ids = ()  # Videos to train on (manifest ids); empty uses all of them.
+  c.data.frames_per_clip = 8  # T: frames per clip (frame 0 is the anchor).
+  c.data.frame_stride = 60  # Distance between a clip's frames, in stored frames.
+  c.data.global_pre_size = 300  # Side of the first, clip-level random-resized crop.
+  c.data.global_pre_scale = (0.2, 1.0)  # Area range of that crop.
+  c.data.global_size = 224  # Side of the global views.
+  c.data.global_scale = (0.4, 1.0)  # Area range of the global crop from the pre-crop.
+  c.data.num_local_crops = 6  # M: local crops per frame (0 disables them).
+  c.data.local_size = 112  # Side of the local crops.
+  c.data.local_scale = (0.05, 0.4)  # Area range of the local crops within the pre-crop.
+  c.data.flip_prob = 0.5  # Horizontal flip, once per clip.
+  c.data.color_jitter_prob = 0.8  # Probability of colour jitter, per frame.
+  c.data.brightness = 0.4  # Colour jitter: brightness strength.
+  c.data.contrast = 0.4  # Colour jitter: contrast strength.
+  c.data.saturation = 0.2  # Colour jitter: saturation strength.
+  c.data.hue = 0.1  # Colour jitter: hue strength.
+  c.data.grayscale_prob = 0.2  # Probability of grayscale, per frame.
+  c.data.global_blur_prob = 0.1  # Gaussian blur probability on global views.
+  c.data.local_blur_prob = 0.5  # Gaussian blur probability on local crops.
+  c.data.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range.
+  c.data.num_workers = 8  # grain worker processes per host (0: in the main process).
+  c.data.prefetch_buffer_size = 2  # Batches each worker prepares ahead.
+
+  # ---- Mesh and parallelism. ----
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices on the data-parallel axis (-1: all devices).
+  c.mesh.fsdp = 1  # Devices that shard parameters and optimizer state (FSDP axis).
+
+  # ---- Checkpoints, logging, pictures. ----
+  c.checkpoint_every_steps = 1000  # Save every n steps (and at the end, and on SIGTERM).
+  c.keep_checkpoints = 3  # Checkpoints kept on disk.
+  c.log_every_steps = 50  # Metrics to TensorBoard, metrics.jsonl and the console.
+  c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
+  return c

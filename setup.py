@@ -1,0 +1,42 @@
+"""Installs dora_jax: DoRA (Discover and tRAck) self-supervised pretraining in JAX/Flax."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9.7",
+    "ml_collections>=1.0",
+    "grain>=0.2.10",
+    "ott-jax>=0.5",
+    "av>=12",
+    "pillow>=10",
+    "numpy>=1.26",
+    "absl-py>=2.0",
+    "crc32c>=2.4",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "scikit-image>=0.22",
+]
+
+setuptools.setup(
+    name="dora_jax",
+    version="0.1.0",
+    description="DoRA (Discover and tRAck, ICLR 2024) in JAX/Flax: image encoders from one long video.",
+    packages=setuptools.find_packages(include=["dora_jax", "dora_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # tensorflow-cpu: the interop test reads/writes shards with tf.data.
+        "test": ["pytest>=7", "tensorflow-cpu>=2.15"],
+        # Only to read public DINO/DoRA .pth files (CPU build; see README).
+        "torch": ["torch"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dora-convert=dora_jax.data.convert:main",
+            "dora-train=dora_jax.main:main",
+        ],
+    },
+)
