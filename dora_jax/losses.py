@@ -1,0 +1,62 @@
+"""The DINO loss as DoRA uses it (DESIGN.md step 7), and its centre.
+
+Per frame t the teacher's target is softmax((g_t - c) / tau_t) on the full frame. The student
+answers on the masked view(s) of frame t and on its M local crops. The loss of a frame is
+
+    1/2 * mean_v CE(target_t, student(masked view v))  +  1/2 * mean_m CE(target_t, student(crop m))
+
+(the masked term alone when M = 0), averaged over frames and clips. This is the clean mean: the
+public reference code drops local crop 0 and weights objects unevenly when it averages.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def teacher_targets(teacher_logits: jax.Array, center: jax.Array,
+                    temperature: jax.Array | float) -> jax.Array:
+  """Centred, sharpened teacher distribution; no gradient. (..., K) -> (..., K) float32."""
+  logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  return jax.nn.softmax((logits - center) / temperature, axis=-1)
+
+
+def cross_entropy(targets: jax.Array, student_logits: jax.Array,
+                  temperature: jax.Array | float) -> jax.Array:
+  """-sum_K targets * log_softmax(student / temperature). (..., K), (..., K) -> (...)."""
+  log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  return -jnp.sum(targets * log_probs, axis=-1)
+
+
+def dino_loss(teacher_probs: jax.Array, masked_logits: jax.Array,
+              local_logits: jax.Array | None, *, student_temp: float) -> jax.Array:
+  """DoRA's DINO loss, a scalar.
+
+  Args:
+    teacher_probs: (B, T, K) targets from `teacher_targets` on the full frames.
+    masked_logits: (B, T, V, K) student logits on the V masked views of each frame.
+    local_logits: (B, T, M, K) student logits on the local crops of each frame, or None.
+    student_temp: tau_s.
+  """
+  masked_term = jnp.mean(
+      cross_entropy(teacher_probs[:, :, None], masked_logits, student_temp), axis=-1)  # (B, T)
+  if local_logits is None or local_logits.shape[2] == 0:
+    return jnp.mean(masked_term)
+  local_term = jnp.mean(
+      cross_entropy(teacher_probs[:, :, None], local_logits, student_temp), axis=-1)
+  return jnp.mean(0.5 * masked_term + 0.5 * local_term)
+
+
+def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:
+  """EMA of the teacher's mean output over the (global) batch. (K,), (..., K) -> (K,)."""
+  batch_center = jnp.mean(teacher_logits.reshape(-1, teacher_logits.shape[-1]), axis=0)
+  return center * momentum + jax.lax.stop_gradient(batch_center) * (1.0 - momentum)
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of distributions over the last axis; near 0 means collapse."""
+  return jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
+
+
+def kl_divergence(probs: jax.Array, student_logits: jax.Array,
+                  temperature: jax.Array | float) -> jax.Array:
+  """Mean KL(teacher || student) over the leading axes."""
+  return jnp.mean(cross_entropy(probs, student_logits, temperature)) - entropy(probs)

@@ -1,0 +1,85 @@
+"""Per-step schedules of the DINO/DoRA recipe (DESIGN.md step 8), as jit-friendly functions.
+
+All take the global step (an int32 array or int) and return float32 scalars.
+"""
+import dataclasses
+import math
+from typing import Callable
+
+import jax.numpy as jnp
+
+Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def _cosine(start: float, end: float, progress: jnp.ndarray) -> jnp.ndarray:
+  """start at progress 0, end at progress 1, half a cosine in between."""
+  progress = jnp.clip(progress, 0.0, 1.0)
+  return end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * progress))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+  """The recipe's schedules for one run length."""
+  steps_per_epoch: int
+  total_steps: int
+  peak_lr: float  # base_lr * batch_size / 256
+  warmup_steps: int
+  min_lr: float
+  weight_decay_start: float
+  weight_decay_end: float
+  momentum_start: float
+  teacher_temp_start: float
+  teacher_temp_end: float
+  teacher_temp_warmup_epochs: int
+  freeze_last_layer_steps: int
+
+  def learning_rate(self, step) -> jnp.ndarray:
+    """Linear warm-up from 0 to the peak, then cosine to min_lr at total_steps."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = self.peak_lr * step / max(self.warmup_steps, 1)
+    decay_steps = max(self.total_steps - self.warmup_steps, 1)
+    cosine = _cosine(self.peak_lr, self.min_lr, (step - self.warmup_steps) / decay_steps)
+    return jnp.where(step < self.warmup_steps, warm, cosine).astype(jnp.float32)
+
+  def weight_decay(self, step) -> jnp.ndarray:
+    """Cosine from weight_decay to weight_decay_end over the run."""
+    progress = jnp.asarray(step, jnp.float32) / max(self.total_steps, 1)
+    return _cosine(self.weight_decay_start, self.weight_decay_end, progress).astype(jnp.float32)
+
+  def teacher_momentum(self, step) -> jnp.ndarray:
+    """Teacher EMA momentum: cosine from its start value to 1 over the run."""
+    progress = jnp.asarray(step, jnp.float32) / max(self.total_steps, 1)
+    return _cosine(self.momentum_start, 1.0, progress).astype(jnp.float32)
+
+  def teacher_temp(self, step) -> jnp.ndarray:
+    """Linear warm-up per epoch (as the reference), then constant."""
+    epoch = jnp.asarray(step, jnp.int32) // self.steps_per_epoch
+    warmup = max(self.teacher_temp_warmup_epochs, 1)
+    # The reference's linspace(start, end, warmup_epochs): epoch warmup-1 reaches `end`.
+    fraction = jnp.minimum(epoch.astype(jnp.float32) / max(warmup - 1, 1), 1.0)
+    warm = self.teacher_temp_start + fraction * (self.teacher_temp_end - self.teacher_temp_start)
+    if self.teacher_temp_warmup_epochs <= 0:
+      warm = jnp.float32(self.teacher_temp_end)
+    return jnp.asarray(warm, jnp.float32)
+
+
+def make_schedules(config, *, steps_per_epoch: int, total_steps: int) -> Schedules:
+  """Builds the schedules from the config's `optim`, `loss` and `batch_size` keys."""
+  if steps_per_epoch < 1 or total_steps < 1:
+    raise ValueError(
+        f"steps_per_epoch ({steps_per_epoch}) and total_steps ({total_steps}) must be >= 1.")
+  optim = config.optim
+  return Schedules(
+      steps_per_epoch=int(steps_per_epoch),
+      total_steps=int(total_steps),
+      peak_lr=optim.base_lr * config.batch_size / 256.0,
+      warmup_steps=min(int(round(optim.warmup_epochs * steps_per_epoch)), int(total_steps)),
+      min_lr=optim.min_lr,
+      weight_decay_start=optim.weight_decay,
+      weight_decay_end=optim.weight_decay_end,
+      momentum_start=optim.teacher_momentum,
+      teacher_temp_start=config.loss.warmup_teacher_temp,
+      teacher_temp_end=config.loss.teacher_temp,
+      teacher_temp_warmup_epochs=int(config.loss.warmup_teacher_temp_epochs),
+      freeze_last_layer_steps=int(round(optim.freeze_last_layer_epochs * steps_per_epoch)),
+  )
