@@ -1,0 +1,257 @@
+"""TFRecord files without TensorFlow: framing, CRC32C, offset indexes and frame Examples.
+
+A TFRecord file is a sequence of records, each framed as
+
+    uint64 length | uint32 masked_crc32c(length) | data[length] | uint32 masked_crc32c(data)
+
+(little endian; masked_crc(x) = ((crc >> 15) | (crc << 17)) + 0xa282ead8 mod 2**32), the format
+that `tf.data.TFRecordDataset` reads and `tf.io.TFRecordWriter` writes. Both CRCs are checked on
+every read here, so a flipped bit or a file cut short is an error naming the file, never a silently
+wrong frame.
+
+Beside each shard `NAME.tfrecord` sits `NAME.tfrecord.idx`, one text line "offset size" per
+record (size including the 16 framing bytes), the format of NVIDIA DALI's `tfrecord2idx`, so any
+record can be read with one `pread`.
+
+Each record of our shards is a `tf.train.Example` for one frame (the protos that
+tensorflow-datasets ships, so no TensorFlow at run time) with the features of `FRAME_FEATURES`.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Iterator
+
+import crc32c as crc32c_lib
+import numpy as np
+from tensorflow_datasets.proto import tf_example_pb2
+
+_MASK_DELTA = 0xA282EAD8
+_HEADER = struct.Struct("<QI")  # length, masked CRC of the length bytes.
+_FOOTER = struct.Struct("<I")  # masked CRC of the data.
+FRAMING_BYTES = _HEADER.size + _FOOTER.size  # 16
+INDEX_SUFFIX = ".idx"
+
+# Feature keys of one frame record, and their tf.train.Feature kind.
+FRAME_FEATURES = {
+    "video_id": "bytes",  # Manifest id of the video.
+    "frame_index": "int64",  # Index of the frame in the decoded source stream (0-based).
+    "timestamp": "float",  # Presentation time of the frame in the source, seconds.
+    "image/encoded": "bytes",  # JPEG bytes.
+    "image/format": "bytes",  # b"jpeg".
+    "image/height": "int64",  # Stored height in pixels.
+    "image/width": "int64",  # Stored width in pixels.
+}
+
+
+class CorruptRecordError(ValueError):
+  """A TFRecord file whose framing or CRCs do not check out."""
+
+
+def masked_crc(data: bytes) -> int:
+  """The masked CRC32C that TFRecord framing stores for `data`."""
+  crc = crc32c_lib.crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+  """`data` framed as one TFRecord (length, CRCs)."""
+  length = struct.pack("<Q", len(data))
+  return length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data))
+
+
+def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | None) -> bytes:
+  """The data of the framed record `blob` read at `offset`, after checking length and CRCs."""
+  if len(blob) < _HEADER.size:
+    raise CorruptRecordError(
+        f"TFRecord '{path}' is cut short: record {index} at byte {offset} has "
+        f"{len(blob)} of {_HEADER.size} header bytes; re-run dora-convert")
+  length, length_crc = _HEADER.unpack_from(blob)
+  if masked_crc(blob[:8]) != length_crc:
+    raise CorruptRecordError(
+        f"TFRecord '{path}': bad length CRC in record {index} at byte {offset} (file corrupt; "
+        "re-run dora-convert)")
+  if size is not None and length + FRAMING_BYTES != size:
+    raise CorruptRecordError(
+        f"TFRecord '{path}': record {index} at byte {offset} holds {length} bytes but its index "
+        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}; delete the index to rebuild it")
+  end = _HEADER.size + length + _FOOTER.size
+  if len(blob) < end:
+    raise CorruptRecordError(
+        f"TFRecord '{path}' is cut short: record {index} at byte {offset} needs {end} bytes, "
+        f"the file has {len(blob)}; re-run dora-convert")
+  data = blob[_HEADER.size:_HEADER.size + length]
+  (data_crc,) = _FOOTER.unpack_from(blob, _HEADER.size + length)
+  if masked_crc(data) != data_crc:
+    raise CorruptRecordError(
+        f"TFRecord '{path}': bad data CRC in record {index} at byte {offset} (file corrupt; "
+        "re-run dora-convert)")
+  return data
+
+
+class TFRecordWriter:
+  """Writes framed records to `path` and, on `close`, the offset index `path.idx`.
+
+  Use as a context manager. Records are appended; `offsets` and `sizes` describe them.
+  """
+
+  def __init__(self, path: str, index_path: str | None = None):
+    self.path = path
+    self.index_path = index_path if index_path is not None else path + INDEX_SUFFIX
+    self._file = open(path, "wb")
+    self._position = 0
+    self.offsets: list[int] = []
+    self.sizes: list[int] = []
+
+  def write(self, data: bytes) -> None:
+    framed = frame_record(data)
+    self._file.write(framed)
+    self.offsets.append(self._position)
+    self.sizes.append(len(framed))
+    self._position += len(framed)
+
+  def close(self) -> None:
+    if self._file.closed:
+      return
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+    write_index(self.index_path, self.offsets, self.sizes)
+
+  def __enter__(self) -> "TFRecordWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def write_index(index_path: str, offsets, sizes) -> None:
+  with open(index_path, "w") as f:
+    f.writelines(f"{o} {s}\n" for o, s in zip(offsets, sizes))
+
+
+def iter_records(path: str) -> Iterator[bytes]:
+  """The records of a TFRecord file in order (any writer, TensorFlow's included), CRC-checked."""
+  with open(path, "rb") as f:
+    offset, index = 0, 0
+    while True:
+      header = f.read(_HEADER.size)
+      if not header:
+        return
+      length = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else 0
+      blob = header + f.read(length + _FOOTER.size)
+      data = _check_record(path, index, offset, blob, None)
+      yield data
+      offset += len(blob)
+      index += 1
+
+
+def build_index(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(offsets, sizes) of the records of `path`, found by walking the framing (CRCs checked)."""
+  offsets, sizes, offset = [], [], 0
+  for data in iter_records(path):
+    offsets.append(offset)
+    sizes.append(len(data) + FRAMING_BYTES)
+    offset += sizes[-1]
+  return np.asarray(offsets, np.int64), np.asarray(sizes, np.int64)
+
+
+def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(offsets, sizes) of the shard `path` from its index file `path.idx`."""
+  index_path = path + INDEX_SUFFIX
+  try:
+    table = np.loadtxt(index_path, dtype=np.int64, ndmin=2)
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f"offset index '{index_path}' of shard '{path}' is missing; re-run dora-convert "
+        "(it rebuilds indexes)") from None
+  except ValueError as e:
+    raise CorruptRecordError(f"offset index '{index_path}' is not 'offset size' lines: {e}") from None
+  if table.size == 0:
+    return np.zeros((0,), np.int64), np.zeros((0,), np.int64)
+  if table.shape[1] != 2:
+    raise CorruptRecordError(f"offset index '{index_path}' is not 'offset size' lines")
+  return table[:, 0].copy(), table[:, 1].copy()
+
+
+class ShardReader:
+  """Random access to the records of one shard through its offset index.
+
+  Thread-safe (`os.pread`) and picklable: the file is (re)opened lazily in each process.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._offsets, self._sizes = read_index(path)
+    self._fd: int | None = None
+    self._pid: int | None = None
+
+  def __len__(self) -> int:
+    return len(self._offsets)
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = self.__dict__.copy()
+    state["_fd"] = None
+    state["_pid"] = None
+    return state
+
+  def _descriptor(self) -> int:
+    if self._fd is None or self._pid != os.getpid():
+      try:
+        self._fd = os.open(self.path, os.O_RDONLY)
+      except FileNotFoundError:
+        raise FileNotFoundError(f"shard '{self.path}' is missing; re-run dora-convert") from None
+      self._pid = os.getpid()
+    return self._fd
+
+  def read(self, index: int) -> bytes:
+    """The data of record `index` (CRC-checked)."""
+    if not 0 <= index < len(self._offsets):
+      raise IndexError(f"record {index} out of range for shard '{self.path}' ({len(self)} records)")
+    offset, size = int(self._offsets[index]), int(self._sizes[index])
+    blob = os.pread(self._descriptor(), size, offset)
+    return _check_record(self.path, index, offset, blob, size)
+
+  def close(self) -> None:
+    if self._fd is not None and self._pid == os.getpid():
+      os.close(self._fd)
+    self._fd = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def encode_frame(*, video_id: str, frame_index: int, timestamp: float, jpeg: bytes, height: int,
+                 width: int) -> bytes:
+  """A serialised tf.train.Example for one frame (the features of `FRAME_FEATURES`)."""
+  example = tf_example_pb2.Example()
+  feature = example.features.feature
+  feature["video_id"].bytes_list.value.append(video_id.encode("utf-8"))
+  feature["frame_index"].int64_list.value.append(int(frame_index))
+  feature["timestamp"].float_list.value.append(float(timestamp))
+  feature["image/encoded"].bytes_list.value.append(jpeg)
+  feature["image/format"].bytes_list.value.append(b"jpeg")
+  feature["image/height"].int64_list.value.append(int(height))
+  feature["image/width"].int64_list.value.append(int(width))
+  return example.SerializeToString()
+
+
+def decode_frame(data: bytes, *, path: str = "?") -> dict[str, Any]:
+  """The features of a frame record as Python values (`video_id` str, `image/encoded` bytes)."""
+  example = tf_example_pb2.Example()
+  try:
+    example.ParseFromString(data)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptRecordError(f"record in '{path}' is not a tf.train.Example: {e}") from None
+  feature = example.features.feature
+  out = {}
+  for key, kind in FRAME_FEATURES.items():
+    if key not in feature:
+      raise CorruptRecordError(f"record in '{path}' lacks feature '{key}'; not a dora-convert shard")
+    values = getattr(feature[key], f"{kind}_list").value
+    out[key] = values[0]
+  out["video_id"] = out["video_id"].decode("utf-8")
+  return out
