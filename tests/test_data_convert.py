@@ -1,0 +1,161 @@
+"""dora-convert: frames read back equal the video's, counts, resume, and one-line errors."""
+import io
+import json
+import os
+
+import av
+import numpy as np
+from PIL import Image
+import pytest
+
+from dora_jax.data import convert
+from dora_jax.data import source
+from dora_jax.data import synthetic
+from dora_jax.data import tfrecord
+
+NUM_FRAMES, BLANK = 30, (10, 11, 12)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("video") / "tour.mp4")
+  synthetic.generate_walking_tour(path, num_frames=NUM_FRAMES, width=64, height=48, fps=10,
+                                  num_objects=3, seed=1, blank_frames=BLANK)
+  return path
+
+
+def _decoded(path):
+  with av.open(path) as container:
+    return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def _stored(data_dir, video_id):
+  manifest = source.load_manifest(data_dir)
+  store = source.FrameStore(data_dir, source.select_videos(manifest, (video_id,), data_dir))
+  frames = [store.read_frame(0, i) for i in range(store.num_frames[0])]
+  return manifest, frames
+
+
+def _faststart_copy(path, out):
+  """The same video remuxed with the index (moov) first, so a cut file still opens."""
+  with av.open(path) as src, av.open(out, "w", options={"movflags": "faststart"}) as dst:
+    stream = dst.add_stream_from_template(src.streams.video[0])
+    for packet in src.demux(src.streams.video[0]):
+      if packet.dts is not None:
+        packet.stream = stream
+        dst.mux(packet)
+  return out
+
+
+def test_frames_read_back_equal_the_video_and_blank_frames_are_counted(video, tmp_path):
+  out = str(tmp_path / "shards")
+  convert.convert([video], out, short_side=48, quality=95, frames_per_shard=8, progress=False)
+  manifest, frames = _stored(out, "tour")
+  entry = manifest["videos"][0]
+  kept = [i for i in range(NUM_FRAMES) if i not in BLANK]
+  assert (entry["frames_decoded"], entry["frames_kept"], entry["frames_dropped_blank"],
+          entry["frames_skipped"], entry["complete"]) == (NUM_FRAMES, len(kept), len(BLANK), 0, True)
+  assert [s["num_records"] for s in entry["shards"]] == [8, 8, 8, 3]
+  assert (entry["height"], entry["width"], entry["fps"]) == (48, 64, 10.0)
+  assert manifest["options"]["frames_per_shard"] == 8
+  assert [f["frame_index"] for f in frames] == kept  # Same frames, same order.
+  decoded = _decoded(video)
+  for frame in frames:
+    pixels = np.asarray(Image.open(io.BytesIO(frame["image/encoded"])))
+    errors = [np.abs(pixels.astype(int) - d.astype(int)).mean() for d in decoded]
+    assert errors[frame["frame_index"]] < 6.0  # JPEG tolerance (4:2:0 chroma, tiny frames)...
+    assert int(np.argmin(errors)) == frame["frame_index"]  # ...and no other frame is closer.
+    assert frame["timestamp"] == pytest.approx(frame["frame_index"] / 10, abs=1e-3)
+  for shard in entry["shards"]:  # Every shard has its offset index beside it.
+    assert os.path.exists(os.path.join(out, shard["file"] + tfrecord.INDEX_SUFFIX))
+
+
+def test_every_and_short_side(video, tmp_path):
+  out = str(tmp_path / "shards")
+  convert.convert([video], out, every=2, short_side=24, progress=False)
+  manifest, frames = _stored(out, "tour")
+  entry = manifest["videos"][0]
+  kept = [i for i in range(0, NUM_FRAMES, 2) if i not in BLANK]
+  assert [f["frame_index"] for f in frames] == kept
+  assert (entry["frames_kept"], entry["frames_dropped_blank"], entry["frames_skipped"]) == (
+      len(kept), 2, NUM_FRAMES // 2)
+  assert (frames[0]["image/height"], frames[0]["image/width"]) == (24, 32)
+
+
+def test_rerun_resumes_keeping_completed_shards(video, tmp_path, monkeypatch):
+  reference = str(tmp_path / "reference")
+  convert.convert([video], reference, frames_per_shard=8, progress=False)
+  out = str(tmp_path / "out")
+  encode, calls = tfrecord.encode_frame, []
+
+  def interrupted(**kwargs):
+    calls.append(1)
+    if len(calls) > 19:  # Killed while writing the third shard.
+      raise KeyboardInterrupt
+    return encode(**kwargs)
+
+  monkeypatch.setattr(tfrecord, "encode_frame", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert([video], out, frames_per_shard=8, progress=False)
+  monkeypatch.setattr(tfrecord, "encode_frame", encode)
+  assert sorted(os.listdir(out)) == sorted(
+      ["manifest.json"] + [f"tour-0000{k}.tfrecord{s}" for k in (0, 1) for s in ("", ".idx")])
+  first_shard = os.path.join(out, "tour-00000.tfrecord")
+  before = os.stat(first_shard).st_mtime_ns
+  manifest = convert.convert([video], out, frames_per_shard=8, progress=False)
+  assert os.stat(first_shard).st_mtime_ns == before  # Kept, not rewritten.
+  expected = json.load(open(os.path.join(reference, "manifest.json")))
+  for key in ("frames_decoded", "frames_kept", "frames_dropped_blank", "complete"):
+    assert manifest["videos"][0][key] == expected["videos"][0][key]
+  for name in os.listdir(reference):
+    if name.endswith(".tfrecord"):
+      assert open(os.path.join(out, name), "rb").read() == open(
+          os.path.join(reference, name), "rb").read(), name
+
+
+def test_bad_inputs_give_one_line_errors_and_the_other_videos_are_converted(video, tmp_path,
+                                                                             capsys):
+  good = str(tmp_path / "good.mp4")
+  os.link(video, good)
+  missing = str(tmp_path / "missing.mp4")
+  text = str(tmp_path / "notes.mp4")
+  open(text, "w").write("not a video\n")
+  data = open(video, "rb").read()
+  truncated = str(tmp_path / "cut.mp4")  # Index at the end: the cut file does not open.
+  open(truncated, "wb").write(data[:len(data) // 2])
+  faststart = open(_faststart_copy(video, str(tmp_path / "fs.mp4")), "rb").read()
+  cut_faststart = str(tmp_path / "cutfs.mp4")  # Opens, but half the frames are gone.
+  open(cut_faststart, "wb").write(faststart[:len(faststart) // 2])
+  no_frames = str(tmp_path / "noframes.mp4")  # Index only, no frame data.
+  open(no_frames, "wb").write(faststart[:faststart.find(b"mdat") + 64])
+  out = str(tmp_path / "shards")
+
+  bad = [missing, text, truncated, cut_faststart, no_frames]
+  status = convert.main([missing, text, good, truncated, cut_faststart, no_frames, "--out", out,
+                         "--no-progress"])
+  assert status == 1
+  errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+  assert len(errors) == len(bad)
+  for path, line in zip(bad, errors):
+    assert f"'{path}'" in line
+  assert "does not exist" in errors[0] and "not a video" in errors[1]
+  assert "truncated" in errors[3] and "0 decodable frames" in errors[4]
+  manifest = source.load_manifest(out)
+  done = [v["id"] for v in manifest["videos"] if v["complete"]]
+  assert done == ["good"]
+
+
+def test_output_folder_of_another_dataset_or_options_is_refused(video, tmp_path, capsys):
+  out = tmp_path / "other"
+  out.mkdir()
+  (out / "manifest.json").write_text(json.dumps({"name": "imagenet", "splits": []}))
+  assert convert.main([video, "--out", str(out), "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "manifest.json" in err and "another dataset" in err
+
+  mine = str(tmp_path / "mine")
+  assert convert.main([video, "--out", mine, "--no-progress", "--short-side", "32"]) == 0
+  capsys.readouterr()
+  assert convert.main([video, "--out", mine, "--no-progress", "--short-side", "48"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "other --out folder" in err
