@@ -1,0 +1,153 @@
+"""The grain input pipeline: shards -> clips -> views -> host-local uint8 batches.
+
+    MapDataset.source(ClipSource)      clip j -> its T JPEGs (offset-index reads, CRCs checked)
+      .seed(seed).shuffle()            global shuffle of all clips of the selected videos
+      .repeat()                        endless; each epoch reshuffled (seed folded with the epoch)
+      .random_map(ClipViews)           decode + views, from the rng grain derives from the index
+      [process_index::process_count]   this host's share: hosts see disjoint clips
+      .batch(global_batch_size // process_count).to_iter_dataset(threads)
+      .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax)
+
+Every random choice is a function of (seed, position in the global stream), so the same seed
+gives the same batches whatever data.num_workers is, and the iterator state (a small JSON dict:
+positions per worker) restores exactly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from dora_jax.data import source as source_lib
+from dora_jax.data import views as views_lib
+
+
+def _stored_frames_text(video: dict[str, Any]) -> str:
+  return f"{video['width']}x{video['height']} (video '{video['id']}')"
+
+
+def validate(data_config: Any, *, num_frames_needed: int | None = None) -> dict[str, Any]:
+  """Checks the data config against the converted data before anything is compiled.
+
+  Args:
+    data_config: the `data` section of the config.
+    num_frames_needed: frames per clip the model needs at least (default 2: an anchor and a
+      target).
+
+  Returns:
+    The manifest dict of data.dir.
+
+  Raises:
+    ValueError: one line naming the folder or key that is wrong and what to do.
+  """
+  data_dir = str(data_config.dir)
+  manifest = source_lib.load_manifest(data_dir)
+  videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
+  frames_per_clip, stride = data_config.frames_per_clip, data_config.frame_stride
+  needed = max(2, int(num_frames_needed or 2))
+  if not isinstance(frames_per_clip, (int, np.integer)) or frames_per_clip < needed:
+    raise ValueError(f"data.frames_per_clip must be an integer >= {needed} (an anchor and "
+                     f"targets), got {frames_per_clip!r}")
+  if not isinstance(stride, (int, np.integer)) or stride < 1:
+    raise ValueError(f"data.frame_stride must be an integer >= 1, got {stride!r}")
+  span = (frames_per_clip - 1) * stride + 1
+  longest = max(videos, key=lambda v: v["num_frames"])
+  if span > longest["num_frames"]:
+    raise ValueError(
+        f"data.frames_per_clip={frames_per_clip} at data.frame_stride={stride} spans {span} "
+        f"stored frames, but the longest video in '{data_dir}' ('{longest['id']}') has "
+        f"{longest['num_frames']}; lower data.frames_per_clip or data.frame_stride")
+  smallest = min(videos, key=lambda v: min(v["height"], v["width"]))
+  if data_config.global_pre_size > min(smallest["height"], smallest["width"]):
+    raise ValueError(
+        f"data.global_pre_size={data_config.global_pre_size} is larger than the stored frames "
+        f"{_stored_frames_text(smallest)}; lower it or re-run dora-convert with a larger "
+        "--short-side")
+  for key in ("global_size", "local_size"):
+    if not 0 < data_config[key] <= data_config.global_pre_size:
+      raise ValueError(f"data.{key}={data_config[key]} must be in (0, data.global_pre_size="
+                       f"{data_config.global_pre_size}]")
+  if data_config.num_local_crops < 0:
+    raise ValueError(f"data.num_local_crops must be >= 0, got {data_config.num_local_crops}")
+  for key in ("global_pre_scale", "global_scale", "local_scale"):
+    low, high = data_config[key]
+    if not 0 < low <= high <= 1:
+      raise ValueError(f"data.{key}={tuple(data_config[key])} must be (low, high) with "
+                       "0 < low <= high <= 1")
+  for key in ("flip_prob", "color_jitter_prob", "grayscale_prob", "global_blur_prob",
+              "local_blur_prob"):
+    if not 0 <= data_config[key] <= 1:
+      raise ValueError(f"data.{key}={data_config[key]} must be a probability in [0, 1]")
+  if data_config.num_workers < 0:
+    raise ValueError(f"data.num_workers must be >= 0, got {data_config.num_workers}")
+  return manifest
+
+
+def num_clips(data_config: Any) -> int:
+  """Clips in one epoch: valid clip starts summed over the selected videos."""
+  data_dir = str(data_config.dir)
+  manifest = source_lib.load_manifest(data_dir)
+  videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
+  index = source_lib.ClipIndex(tuple(int(v["num_frames"]) for v in videos),
+                               int(data_config.frames_per_clip), int(data_config.frame_stride))
+  return len(index)
+
+
+def make_dataset(data_config: Any, *, seed: int, process_index: int = 0, process_count: int = 1,
+                 with_clip_ids: bool = False) -> grain.MapDataset:
+  """This host's endless MapDataset of clip views (unbatched), {'frames', 'crops'} per clip.
+
+  With `with_clip_ids` each element also has 'video' and 'frames' (see `views.ClipViews`).
+  """
+  manifest = validate(data_config)
+  data_dir = str(data_config.dir)
+  videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
+  clips = source_lib.ClipSource(data_dir, videos, int(data_config.frames_per_clip),
+                                int(data_config.frame_stride))
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+  dataset = (grain.MapDataset.source(clips).seed(int(seed)).shuffle().repeat(None)
+             .random_map(views_lib.ClipViews(views_lib.ViewConfig.from_config(data_config),
+                                             with_clip_ids)))
+  # After the random map, so the views of a clip depend on its place in the global stream only.
+  return dataset[process_index::process_count]
+
+
+def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1):
+  """An endless iterator of this host's batches (see the module docstring).
+
+  Yields {'frames': uint8 (B, T, S, S, 3), 'crops': uint8 (B, T, M, s, s, 3)} with
+  B = global_batch_size // process_count ('crops' absent when data.num_local_crops == 0).
+  The iterator has `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f"batch_size={global_batch_size} must be divisible by the process count "
+                     f"{process_count}")
+  batch_size = global_batch_size // process_count
+  dataset = make_dataset(data_config, seed=seed, process_index=process_index,
+                         process_count=process_count)
+  num_workers = int(data_config.num_workers)
+  buffer = int(data_config.prefetch_buffer_size)
+  threads = int(data_config.get("num_threads", 2))
+  # Batching the MapDataset makes batch k the same clips whatever the number of workers (each
+  # worker computes whole batches k = w, w + W, ...); threads overlap batches in a process.
+  iter_dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, buffer)))
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(1, buffer)))
+  return iter(iter_dataset)
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (tests, notebooks) mark them."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,174 @@
+"""Random access to stored frames and clips: the grain data source.
+
+`FrameStore` reads frame `i` of a video through the shards' offset indexes (one `pread`, CRCs
+checked). `ClipIndex` enumerates the clips of T frames at a stride that fit inside one video:
+clip j is (video, start) and holds stored frames start, start + stride, ..., of that video only.
+`ClipSource` is the grain `RandomAccessDataSource` that returns a clip's JPEG bytes.
+
+Nothing here imports jax: these objects are pickled into grain's worker processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from dora_jax.data import tfrecord
+
+MANIFEST = "manifest.json"
+
+
+def load_manifest(data_dir: str) -> dict[str, Any]:
+  """`data_dir/manifest.json`, or a ValueError telling to run dora-convert."""
+  path = os.path.join(data_dir, MANIFEST)
+  if not data_dir or not os.path.isdir(data_dir):
+    raise ValueError(f"data.dir '{data_dir}' is not a folder; run `dora-convert VIDEO --out DIR` "
+                     "and set data.dir=DIR")
+  if not os.path.exists(path):
+    raise ValueError(f"data.dir '{data_dir}' has no {MANIFEST}; run `dora-convert VIDEO --out "
+                     f"{data_dir}` first")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"'{path}' is not valid JSON ({e}); re-run dora-convert") from None
+  if not isinstance(manifest, dict) or "videos" not in manifest:
+    raise ValueError(f"'{path}' is not a dora-convert manifest; re-run dora-convert")
+  return manifest
+
+
+def select_videos(manifest: dict[str, Any], video_ids: Sequence[str],
+                  data_dir: str = "?") -> list[dict[str, Any]]:
+  """The manifest entries of `video_ids` (all complete videos when empty), in that order."""
+  by_id = {v["id"]: v for v in manifest["videos"]}
+  if isinstance(video_ids, str):
+    video_ids = (video_ids,) if video_ids else ()
+  if not video_ids:
+    videos = [v for v in manifest["videos"] if v.get("complete")]
+    if not videos:
+      raise ValueError(f"'{os.path.join(data_dir, MANIFEST)}' has no completely converted video; "
+                       "re-run dora-convert")
+    return videos
+  videos = []
+  for video_id in video_ids:
+    if video_id not in by_id:
+      raise ValueError(f"data.video_ids: '{video_id}' is not in "
+                       f"'{os.path.join(data_dir, MANIFEST)}' (it has {sorted(by_id)})")
+    if not by_id[video_id].get("complete"):
+      raise ValueError(f"data.video_ids: video '{video_id}' in '{data_dir}' is not completely "
+                       "converted; re-run dora-convert")
+    videos.append(by_id[video_id])
+  return videos
+
+
+class FrameStore:
+  """Stored frames of some videos, by (video number, frame number), through the offset indexes."""
+
+  def __init__(self, data_dir: str, videos: Sequence[dict[str, Any]]):
+    self.data_dir = data_dir
+    self.video_ids = [v["id"] for v in videos]
+    self.sizes = [(int(v["height"]), int(v["width"])) for v in videos]  # (H, W) per video
+    self._shards: list[list[tfrecord.ShardReader]] = []
+    self._starts: list[np.ndarray] = []  # First frame number of each shard, per video.
+    self.num_frames: list[int] = []
+    for video in videos:
+      readers = [tfrecord.ShardReader(os.path.join(data_dir, s["file"])) for s in video["shards"]]
+      for reader, shard in zip(readers, video["shards"]):
+        if len(reader) != shard["num_records"]:
+          raise ValueError(
+              f"shard '{reader.path}' has {len(reader)} records in its index, the manifest says "
+              f"{shard['num_records']}; re-run dora-convert")
+      counts = np.array([len(r) for r in readers], np.int64)
+      self._shards.append(readers)
+      self._starts.append(np.concatenate([[0], np.cumsum(counts)]))
+      self.num_frames.append(int(counts.sum()))
+
+  def _locate(self, video: int, frame: int) -> tuple[tfrecord.ShardReader, int]:
+    starts = self._starts[video]
+    if not 0 <= frame < starts[-1]:
+      raise IndexError(f"frame {frame} of video '{self.video_ids[video]}' out of range "
+                       f"({starts[-1]} frames)")
+    shard = int(np.searchsorted(starts, frame, side="right")) - 1
+    return self._shards[video][shard], frame - int(starts[shard])
+
+  def read(self, video: int, frame: int) -> bytes:
+    """The serialised tf.train.Example of stored frame `frame` of video number `video`."""
+    reader, record = self._locate(video, frame)
+    return reader.read(record)
+
+  def read_frame(self, video: int, frame: int) -> dict[str, Any]:
+    """The decoded features of the frame record (see `tfrecord.FRAME_FEATURES`)."""
+    reader, record = self._locate(video, frame)
+    return tfrecord.decode_frame(reader.read(record), path=reader.path)
+
+  def read_jpeg(self, video: int, frame: int) -> bytes:
+    return self.read_frame(video, frame)["image/encoded"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipIndex:
+  """All clips of `frames_per_clip` frames `frame_stride` apart inside one video each.
+
+  Clip j -> (video number, first stored frame); the starts of video v are 0 ...
+  num_frames[v] - span, span = (frames_per_clip - 1) * frame_stride + 1.
+  """
+  num_frames: tuple[int, ...]
+  frames_per_clip: int
+  frame_stride: int
+
+  @property
+  def span(self) -> int:
+    return (self.frames_per_clip - 1) * self.frame_stride + 1
+
+  @functools.cached_property
+  def clips_per_video(self) -> np.ndarray:
+    return np.maximum(np.asarray(self.num_frames, np.int64) - self.span + 1, 0)
+
+  @functools.cached_property
+  def _ends(self) -> np.ndarray:
+    return np.cumsum(self.clips_per_video)
+
+  def __len__(self) -> int:
+    return int(self.clips_per_video.sum())
+
+  def locate(self, index: int) -> tuple[int, int]:
+    """(video number, start frame) of clip `index`."""
+    ends = self._ends
+    if not 0 <= index < ends[-1]:
+      raise IndexError(f"clip {index} out of range ({int(ends[-1])} clips)")
+    video = int(np.searchsorted(ends, index, side="right"))
+    start = index - (int(ends[video - 1]) if video else 0)
+    return video, start
+
+  def frames(self, index: int) -> tuple[int, np.ndarray]:
+    """(video number, the T stored frame numbers) of clip `index`."""
+    video, start = self.locate(index)
+    return video, start + self.frame_stride * np.arange(self.frames_per_clip)
+
+
+class ClipSource:
+  """grain RandomAccessDataSource: clip j -> {'jpegs': T JPEG bytes, 'video', 'frames', 'size'}.
+
+  'video' is the video number, 'frames' the T stored frame numbers, 'size' the stored (H, W).
+  """
+
+  def __init__(self, data_dir: str, videos: Sequence[dict[str, Any]], frames_per_clip: int,
+               frame_stride: int):
+    self.store = FrameStore(data_dir, videos)
+    self.index = ClipIndex(tuple(self.store.num_frames), frames_per_clip, frame_stride)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    video, frames = self.index.frames(int(index))
+    return {"jpegs": [self.store.read_jpeg(video, int(f)) for f in frames], "video": video,
+            "frames": frames, "size": self.store.sizes[video]}
+
+  def __repr__(self) -> str:
+    return (f"ClipSource(dir={self.store.data_dir!r}, videos={self.store.video_ids}, "
+            f"T={self.index.frames_per_clip}, stride={self.index.frame_stride}, clips={len(self)})")

@@ -1,0 +1,264 @@
+"""The views of a clip (DESIGN.md step 1), with numpy/PIL, driven only by the rng grain hands in.
+
+Per clip: one random-resized "pre" crop box (data.global_pre_scale of the frame area, conceptually
+resized to data.global_pre_size), inside it one global box (data.global_scale of the pre-crop) and
+one horizontal flip, the same for all T frames. Per frame: colour jitter (random order of
+brightness, contrast, saturation, hue, as torchvision's ColorJitter on PIL images), grayscale and
+Gaussian blur, each with its probability; and M local crops cut from that frame's pre-crop
+(data.local_scale of the pre-crop area), each with its own flip, jitter, grayscale and blur.
+
+The two nested crops are composed into one box in stored-frame pixels, so every view is a single
+antialiased resize from the decoded JPEG; when every box is much larger than its output the JPEG
+is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling through `Image.draft`).
+
+Outputs are uint8; normalisation happens on the device. Nothing here imports jax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+  """The view settings, from the `data` section of the config (see config_base.py)."""
+  global_pre_size: int = 300
+  global_pre_scale: tuple[float, float] = (0.2, 1.0)
+  global_size: int = 224
+  global_scale: tuple[float, float] = (0.4, 1.0)
+  num_local_crops: int = 6
+  local_size: int = 112
+  local_scale: tuple[float, float] = (0.05, 0.4)
+  flip_prob: float = 0.5
+  color_jitter_prob: float = 0.8
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.2
+  hue: float = 0.1
+  grayscale_prob: float = 0.2
+  global_blur_prob: float = 0.1
+  local_blur_prob: float = 0.5
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+  @classmethod
+  def from_config(cls, data_config: Any) -> "ViewConfig":
+    values = {}
+    for field in dataclasses.fields(cls):
+      value = data_config[field.name]
+      values[field.name] = tuple(float(v) for v in value) if isinstance(
+          field.default, tuple) else type(field.default)(value)
+    return cls(**values)
+
+
+def random_resized_box(rng: np.random.Generator, width: int, height: int,
+                       scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3)) -> Box:
+  """A random crop box of `scale` of the area and aspect `ratio` (torchvision's algorithm).
+
+  Integer box inside a (height, width) image; falls back to a central crop after 10 tries.
+  """
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return float(left), float(top), float(w), float(h)
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return float((width - w) // 2), float((height - h) // 2), float(w), float(h)
+
+
+def compose_box(outer: Box, outer_size: int, inner: Box) -> Box:
+  """`inner`, a box in the `outer_size`-square resize of box `outer`, in the outer's pixels."""
+  sx, sy = outer[2] / outer_size, outer[3] / outer_size
+  return outer[0] + inner[0] * sx, outer[1] + inner[1] * sy, inner[2] * sx, inner[3] * sy
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L" conversion.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def _mean_rgb(image: Image.Image) -> np.ndarray:
+  """Mean colour (3,) from the histogram (cheaper than converting the pixels)."""
+  histogram = np.asarray(image.histogram(), np.float64).reshape(3, 256)
+  return histogram @ np.arange(256) / histogram[0].sum()
+
+
+def jitter_affine(factors: Sequence[float], order: Sequence[int],
+                  mean_rgb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """Colour jitter as one affine map of RGB: (matrix (3, 3), offset (3,)).
+
+  Args:
+    factors: (brightness, contrast, saturation, hue): the first three multiply (1 = no change),
+      hue is a fraction of a turn.
+    order: the order in which the ops 0..3 (brightness, contrast, saturation, hue) apply.
+    mean_rgb: mean colour (3,) of the input, needed by contrast only.
+
+  Brightness scales; contrast blends with the mean luma of its input; saturation blends each pixel
+  with its luma (these three as torchvision/PIL define them); hue rotates the chroma plane of YIQ.
+  Each is affine, so the composition is exact, except that the chain of uint8 images that
+  torchvision makes would clip and round between the ops.
+  """
+  matrix, offset = np.eye(3), np.zeros(3)
+  for op in order:
+    if op == 0:
+      step, shift = factors[0] * np.eye(3), np.zeros(3)
+    elif op == 1:
+      gray_mean = _LUMA @ (matrix @ mean_rgb + offset)  # Mean luma of this op's input.
+      step, shift = factors[1] * np.eye(3), np.full(3, (1 - factors[1]) * gray_mean)
+    elif op == 2:
+      step = factors[2] * np.eye(3) + (1 - factors[2]) * np.outer(np.ones(3), _LUMA)
+      shift = np.zeros(3)
+    else:
+      angle = 2 * np.pi * factors[3]
+      rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
+                           [0, np.sin(angle), np.cos(angle)]])
+      step, shift = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ, np.zeros(3)
+    matrix, offset = step @ matrix, step @ offset + shift
+  return matrix, offset
+
+
+def color_matrix(rng: np.random.Generator, config: ViewConfig,
+                 image: Image.Image) -> np.ndarray | None:
+  """Colour jitter and grayscale of one view as one affine map (3, 4) of RGB, or None.
+
+  Draws, in order: jitter (p color_jitter_prob) with brightness, contrast, saturation and hue
+  factors and their random order, as torchvision's ColorJitter (see `jitter_affine`); then
+  grayscale (p grayscale_prob).
+  """
+  matrix, offset = np.eye(3), np.zeros(3)
+  touched = False
+  if rng.uniform() < config.color_jitter_prob:
+    touched = True
+    factors = (rng.uniform(max(0.0, 1 - config.brightness), 1 + config.brightness),
+               rng.uniform(max(0.0, 1 - config.contrast), 1 + config.contrast),
+               rng.uniform(max(0.0, 1 - config.saturation), 1 + config.saturation),
+               rng.uniform(-config.hue, config.hue))
+    order = rng.permutation(4)
+    matrix, offset = jitter_affine(factors, order,
+                                   _mean_rgb(image) if config.contrast > 0 else np.zeros(3))
+  if rng.uniform() < config.grayscale_prob:
+    touched = True
+    gray = np.outer(np.ones(3), _LUMA)
+    matrix, offset = gray @ matrix, gray @ offset
+  if not touched:
+    return None
+  return np.concatenate([matrix, offset[:, None]], axis=1)
+
+
+def color_augment(image: Image.Image, rng: np.random.Generator, config: ViewConfig,
+                  blur_prob: float) -> Image.Image:
+  """Colour jitter, grayscale (see `color_matrix`) and Gaussian blur (p blur_prob) of a view."""
+  affine = color_matrix(rng, config, image)
+  if affine is not None:
+    image = image.convert("RGB", tuple(float(v) for v in affine.reshape(-1)))
+  if rng.uniform() < blur_prob:
+    image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*config.blur_sigma)))
+  return image
+
+
+def _decode(jpeg: bytes, size: tuple[int, int], shrink: float) -> tuple[Image.Image, float]:
+  """The JPEG decoded, at 1/2^k scale when `shrink` allows; (image, stored px per decoded px)."""
+  image = Image.open(io.BytesIO(jpeg))
+  height, width = size
+  if shrink >= 2:
+    image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+  image.load()
+  if image.mode != "RGB":  # Grayscale or CMYK JPEGs.
+    image = image.convert("RGB")
+  return image, width / image.width
+
+
+def _view(image: Image.Image, box: Box, factor: float, size: int, flip: bool) -> Image.Image:
+  left, top, w, h = (v / factor for v in box)
+  view = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+
+
+def clip_views(jpegs: Sequence[bytes], size: tuple[int, int], rng: np.random.Generator,
+               config: ViewConfig, *, return_boxes: bool = False) -> dict[str, np.ndarray]:
+  """The views of one clip.
+
+  Args:
+    jpegs: the T frames of the clip, JPEG bytes, all of stored size `size` = (H, W).
+    rng: the only source of randomness (grain's per-element generator).
+    config: view settings.
+    return_boxes: also return the boxes (stored-frame pixels, (left, top, width, height)).
+
+  Returns:
+    'frames': uint8 (T, S, S, 3) global views, S = global_size;
+    'crops': uint8 (T, M, s, s, 3) local crops, s = local_size (absent when M == 0);
+    with return_boxes: 'pre_box' (4,), 'global_box' (4,), 'flip' (), 'local_boxes' (T, M, 4),
+    'local_flips' (T, M).
+  """
+  height, width = size
+  pre_size, num_local = config.global_pre_size, config.num_local_crops
+  pre_box = random_resized_box(rng, width, height, config.global_pre_scale)
+  global_box = compose_box(pre_box, pre_size,
+                           random_resized_box(rng, pre_size, pre_size, config.global_scale))
+  flip = bool(rng.uniform() < config.flip_prob)
+  local_boxes = [[compose_box(pre_box, pre_size,
+                              random_resized_box(rng, pre_size, pre_size, config.local_scale))
+                  for _ in range(num_local)] for _ in jpegs]
+  local_flips = rng.uniform(size=(len(jpegs), num_local)) < config.flip_prob
+  # How much smaller than the stored frame the JPEG may be decoded: every box keeps >= its output.
+  shrink = min(min(global_box[2], global_box[3]) / config.global_size,
+               min((min(b[2], b[3]) for boxes in local_boxes for b in boxes),
+                   default=math.inf) / max(config.local_size, 1))
+  frames, crops = [], []
+  for jpeg, boxes, flips in zip(jpegs, local_boxes, local_flips):
+    image, factor = _decode(jpeg, size, shrink)
+    view = _view(image, global_box, factor, config.global_size, flip)
+    frames.append(np.asarray(color_augment(view, rng, config, config.global_blur_prob)))
+    frame_crops = []
+    for box, local_flip in zip(boxes, flips):
+      crop = _view(image, box, factor, config.local_size, bool(local_flip))
+      frame_crops.append(np.asarray(color_augment(crop, rng, config, config.local_blur_prob)))
+    crops.append(frame_crops)
+  out = {"frames": np.stack(frames)}
+  if num_local:
+    out["crops"] = np.stack([np.stack(c) for c in crops])
+  if return_boxes:
+    out.update(pre_box=np.array(pre_box), global_box=np.array(global_box), flip=np.array(flip),
+               local_boxes=np.array(local_boxes, np.float64).reshape(len(jpegs), num_local, 4),
+               local_flips=local_flips)
+  return out
+
+
+class ClipViews:
+  """grain random map: a `ClipSource` element and the element's rng -> the clip's views.
+
+  With `with_clip_ids`, the output also holds 'video' (the video number) and 'frames' (T,) (its
+  stored frame numbers): which clip it was, for tests and pictures.
+  """
+
+  def __init__(self, config: ViewConfig, with_clip_ids: bool = False):
+    self.config = config
+    self.with_clip_ids = with_clip_ids
+
+  def __call__(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = clip_views(element["jpegs"], element["size"], rng, self.config)
+    if self.with_clip_ids:
+      out["video"] = np.int32(element["video"])
+      out["frames"] = np.asarray(element["frames"], np.int32)
+    return out
+
+  def __repr__(self) -> str:
+    return f"ClipViews({self.config})"

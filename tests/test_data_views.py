@@ -1,0 +1,157 @@
+"""Clip views: boxes, clip-consistent global crop and flip, colour ops against references."""
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image, ImageEnhance
+import pytest
+
+from dora_jax.data import views
+
+H, W, T = 48, 64, 4
+NO_COLOUR = dict(color_jitter_prob=0.0, grayscale_prob=0.0, global_blur_prob=0.0,
+                 local_blur_prob=0.0)
+SMALL = views.ViewConfig(global_pre_size=40, global_size=32, local_size=16, num_local_crops=3)
+
+
+def _jpeg(array):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+  return buffer.getvalue()
+
+
+def _frames(count=T, seed=0):
+  """Smooth, distinct frames (a gradient whose phase moves), as JPEG bytes."""
+  y, x = np.mgrid[0:H, 0:W]
+  frames = []
+  for t in range(count):
+    r = 128 + 100 * np.sin(x / 7 + t + seed)
+    g = 128 + 100 * np.cos(y / 5 - t)
+    b = 128 + 60 * np.sin((x + y) / 9)
+    frames.append(_jpeg(np.stack([r, g, b], -1).astype(np.uint8)))
+  return frames
+
+
+def test_random_resized_box_respects_scale_and_ratio():
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    left, top, w, h = views.random_resized_box(rng, W, H, (0.1, 0.5))
+    assert 0 <= left and left + w <= W and 0 <= top and top + h <= H
+    area = w * h / (W * H)
+    assert 0.1 - 0.03 <= area <= 0.5 + 0.03  # Rounding to whole pixels.
+    assert 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+
+
+def test_global_views_share_box_and_flip_across_the_clip():
+  config = dataclasses.replace(SMALL, **NO_COLOUR)
+  jpegs = _frames()
+  out = views.clip_views(jpegs, (H, W), np.random.default_rng(3), config, return_boxes=True)
+  assert out["frames"].shape == (T, 32, 32, 3) and out["frames"].dtype == np.uint8
+  assert out["crops"].shape == (T, 3, 16, 16, 3) and out["crops"].dtype == np.uint8
+  left, top, w, h = out["global_box"]
+  pre_left, pre_top, pre_w, pre_h = out["pre_box"]
+  assert pre_left <= left and left + w <= pre_left + pre_w + 1e-9
+  assert pre_top <= top and top + h <= pre_top + pre_h + 1e-9
+  for t, jpeg in enumerate(jpegs):  # Frame t's global view is frame t cut with the ONE box.
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    expected = np.asarray(image.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h)))
+    if out["flip"]:
+      expected = expected[:, ::-1]
+    np.testing.assert_array_equal(out["frames"][t], expected)
+  boxes = out["local_boxes"]  # Local crops: inside the pre-crop, drawn per frame.
+  assert np.all(boxes[..., 0] >= pre_left - 1e-9) and np.all(boxes[..., 1] >= pre_top - 1e-9)
+  assert np.all(boxes[..., 0] + boxes[..., 2] <= pre_left + pre_w + 1e-9)
+  assert np.all(boxes[..., 1] + boxes[..., 3] <= pre_top + pre_h + 1e-9)
+  assert len({tuple(b) for b in boxes.reshape(-1, 4)}) == T * 3
+
+  # Identical frames: identical global views (same box and flip), not identical local crops.
+  same = views.clip_views([jpegs[0]] * T, (H, W), np.random.default_rng(5), config)
+  assert all(np.array_equal(same["frames"][0], same["frames"][t]) for t in range(T))
+  assert not np.array_equal(same["crops"][0], same["crops"][1])
+
+
+def test_flip_mirrors_every_global_view():
+  jpegs = _frames()
+  never = views.clip_views(jpegs, (H, W), np.random.default_rng(7),
+                           dataclasses.replace(SMALL, flip_prob=0.0, **NO_COLOUR))
+  always = views.clip_views(jpegs, (H, W), np.random.default_rng(7),
+                            dataclasses.replace(SMALL, flip_prob=1.0, **NO_COLOUR))
+  np.testing.assert_array_equal(always["frames"], never["frames"][:, :, ::-1])
+  np.testing.assert_array_equal(always["crops"], never["crops"][:, :, :, ::-1])
+
+
+def test_same_rng_same_views_other_rng_other_views():
+  jpegs = _frames()
+  a = views.clip_views(jpegs, (H, W), np.random.default_rng(11), SMALL)
+  b = views.clip_views(jpegs, (H, W), np.random.default_rng(11), SMALL)
+  c = views.clip_views(jpegs, (H, W), np.random.default_rng(12), SMALL)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert not np.array_equal(a["frames"], c["frames"])
+
+
+def _luma(x):
+  return x @ np.array([0.299, 0.587, 0.114])
+
+
+def test_jitter_affine_equals_the_ops_applied_one_by_one_in_float64():
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(60, 190, size=(500, 3))
+  for trial in range(20):
+    factors = (rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2),
+               rng.uniform(-0.1, 0.1))
+    order = rng.permutation(4)
+    expected = pixels.copy()
+    for op in order:  # Independent: op by op on the pixels, means recomputed on the fly.
+      if op == 0:
+        expected = expected * factors[0]
+      elif op == 1:
+        expected = factors[1] * expected + (1 - factors[1]) * _luma(expected).mean()
+      elif op == 2:
+        expected = factors[2] * expected + (1 - factors[2]) * _luma(expected)[:, None]
+      else:  # Hue: keeps luma and chroma magnitude, turns chroma by 2 pi h in YIQ.
+        yiq = expected @ views._RGB_TO_YIQ.T
+        angle = 2 * np.pi * factors[3]
+        i = yiq[:, 1] * np.cos(angle) - yiq[:, 2] * np.sin(angle)
+        q = yiq[:, 1] * np.sin(angle) + yiq[:, 2] * np.cos(angle)
+        expected = np.stack([yiq[:, 0], i, q], -1) @ np.linalg.inv(views._RGB_TO_YIQ).T
+    matrix, offset = views.jitter_affine(factors, order, pixels.mean(0))
+    np.testing.assert_allclose(pixels @ matrix.T + offset, expected, atol=1e-9)
+
+
+def test_brightness_contrast_saturation_match_pil_enhance():
+  rng = np.random.default_rng(1)
+  array = rng.integers(70, 180, size=(32, 32, 3), dtype=np.uint8)
+  image = Image.fromarray(array)
+  mean = np.asarray(image, np.float64).reshape(-1, 3).mean(0)
+  for op, enhance in ((0, ImageEnhance.Brightness), (1, ImageEnhance.Contrast),
+                      (2, ImageEnhance.Color)):
+    factors = [1.0, 1.0, 1.0, 0.0]
+    factors[op] = 1.25
+    matrix, offset = views.jitter_affine(factors, [op], mean)
+    affine = tuple(np.concatenate([matrix, offset[:, None]], 1).reshape(-1))
+    ours = np.asarray(image.convert("RGB", affine), np.int32)
+    theirs = np.asarray(enhance(image).enhance(1.25), np.int32)
+    assert np.abs(ours - theirs).max() <= 2, op  # PIL rounds the luma mean and the L image.
+
+
+def test_grayscale_probability_one_gives_gray_views():
+  config = dataclasses.replace(SMALL, color_jitter_prob=0.0, grayscale_prob=1.0)
+  out = views.clip_views(_frames(), (H, W), np.random.default_rng(0), config)
+  for key in ("frames", "crops"):
+    assert np.abs(out[key][..., 0].astype(int) - out[key][..., 2]).max() <= 1
+
+
+def test_draft_decoding_of_large_frames_keeps_the_view_close():
+  big = np.asarray(Image.open(io.BytesIO(_frames(1)[0])).resize((W * 8, H * 8), Image.BICUBIC))
+  jpeg = _jpeg(big)
+  config = dataclasses.replace(views.ViewConfig(global_pre_size=64, global_size=16,
+                                                num_local_crops=0), **NO_COLOUR)
+  out = views.clip_views([jpeg], (H * 8, W * 8), np.random.default_rng(2), config,
+                         return_boxes=True)
+  left, top, w, h = out["global_box"]
+  assert min(w, h) / 16 >= 2  # The JPEG was decoded at reduced scale...
+  full = Image.open(io.BytesIO(jpeg)).convert("RGB")
+  expected = np.asarray(full.resize((16, 16), Image.BILINEAR, box=(left, top, left + w, top + h)))
+  if out["flip"]:
+    expected = expected[:, ::-1]
+  assert np.abs(out["frames"][0].astype(int) - expected).mean() < 4  # ...to nearly the same view.
