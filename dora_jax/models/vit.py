@@ -1,0 +1,454 @@
+"""Vision Transformer (Flax NNX) as in DINO/DoRA, with PyTorch weight import and export.
+
+The layout follows DINO's `vision_transformer.py`: a patch-embedding convolution, a [CLS] token,
+learned position embeddings, pre-norm blocks (LayerNorm eps 1e-6, qkv with bias, MLP ratio 4,
+exact GELU) and a final LayerNorm. Parameter paths mirror the PyTorch names
+(`blocks[i].attn.qkv.kernel` <-> `blocks.i.attn.qkv.weight`), so import and export are a renaming
+plus a transpose.
+
+One call returns what DoRA needs from the teacher: the normalised [CLS] and patch tokens and the
+last block's attention probabilities, queries and keys.
+
+Shapes: B batch, H x W image, p patch, N = (H / p) * (W / p) patches, D width, h heads,
+d = D / h per-head width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYER_NORM_EPS = 1e-6  # DINO: partial(nn.LayerNorm, eps=1e-6).
+MLP_RATIO = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  """The shape of a ViT: width, number of blocks, heads and patch side."""
+  dim: int
+  depth: int
+  num_heads: int
+  patch_size: int
+
+
+_WIDTHS = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12)}
+VARIANTS: dict[str, ViTSize] = {
+    f"{name}/{patch}": ViTSize(dim, depth, heads, patch)
+    for name, (dim, depth, heads) in _WIDTHS.items()
+    for patch in (16, 8)
+}
+
+
+def parse_variant(name: str) -> ViTSize:
+  """Returns the size of a named variant such as "S/16" (see `VARIANTS`)."""
+  if name not in VARIANTS:
+    raise ValueError(
+        f"Unknown ViT variant {name!r}; expected one of {sorted(VARIANTS)}.")
+  return VARIANTS[name]
+
+
+def resolve_size(variant: str | None = "S/16", *, dim: int | None = None,
+                 depth: int | None = None, num_heads: int | None = None,
+                 patch_size: int | None = None) -> ViTSize:
+  """A named variant with optional overrides, or a custom size when `variant` is None.
+
+  Tests and demos build tiny models with e.g. `variant=None, dim=32, depth=2, num_heads=4,
+  patch_size=4`.
+  """
+  overrides = dict(dim=dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
+  if variant is None:
+    missing = [k for k, v in overrides.items() if v is None]
+    if missing:
+      raise ValueError(
+          f"variant=None needs all of dim, depth, num_heads, patch_size; missing {missing}.")
+    size = ViTSize(**overrides)
+  else:
+    size = dataclasses.replace(
+        parse_variant(variant), **{k: v for k, v in overrides.items() if v is not None})
+  for key, value in dataclasses.asdict(size).items():
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"ViT {key} must be a positive integer, got {value!r}.")
+  if size.dim % size.num_heads:
+    raise ValueError(
+        f"ViT dim ({size.dim}) must be divisible by num_heads ({size.num_heads}).")
+  return size
+
+
+def _trunc_normal_init():
+  # DINO's trunc_normal_(std=.02, a=-2, b=2): the bounds are absolute, i.e. +-100 std, so the
+  # std stays 0.02 (jax's default bounds of +-2 std would shrink it to 0.0176).
+  return jax.nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+
+def _torch_default_init(fan_in: int):
+  """PyTorch's default Conv/Linear init, U(+-1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: zeroes whole residual branches per sample, scaling the rest by 1/keep.
+
+  x: (B, ...). No-op when `rng` is None or `rate` is 0 (the teacher, evaluation).
+  """
+  if rng is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Two-pass variance: E[x^2] - E[x]^2 loses precision on large-mean activations in float32.
+  # Norms run in float32 (dtype=None follows the float32 residual stream).
+  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, use_fast_variance=False, rngs=rngs)
+
+
+def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_dim, out_dim, dtype=dtype, kernel_init=_trunc_normal_init(),
+                    bias_init=jax.nn.initializers.zeros, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention returning the attention probabilities and pre-scale q, k."""
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.qkv = _linear(dim, 3 * dim, dtype, rngs)
+    self.proj = _linear(dim, dim, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x: (B, N+1, D) -> (B, N+1, D) and {attn (B, h, N+1, N+1), q, k (B, h, N+1, d)}."""
+    batch, tokens, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+    q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # Each (B, h, N+1, d).
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * (dim // self.num_heads) ** -0.5
+    # Softmax in float32 even for bfloat16 matmuls: DoRA reads these rows as object maps.
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bqhd", attn.astype(v.dtype), v).reshape(batch, tokens, dim)
+    return self.proj(out), {"attn": attn, "q": q, "k": k}
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU (PyTorch nn.GELU's default) -> fc2."""
+
+  def __init__(self, dim: int, hidden_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden_dim, dtype, rngs)
+    self.fc2 = _linear(hidden_dim, dim, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+  def __init__(self, dim: int, num_heads: int, *, drop_path_rate: float, dtype,
+               rngs: nnx.Rngs):
+    self.drop_path_rate = drop_path_rate
+    self.norm1 = _layer_norm(dim, rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = _layer_norm(dim, rngs)
+    self.mlp = Mlp(dim, MLP_RATIO * dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, drop_path_rng: jax.Array | None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x: (B, N+1, D) float32 -> same shape, and the attention outputs of `Attention`."""
+    attn_rng = mlp_rng = None
+    if drop_path_rng is not None:
+      attn_rng, mlp_rng = jax.random.split(drop_path_rng)
+    y, aux = self.attn(self.norm1(x))
+    x = x + drop_path(y, self.drop_path_rate, attn_rng).astype(x.dtype)
+    y = self.mlp(self.norm2(x))
+    x = x + drop_path(y, self.drop_path_rate, mlp_rng).astype(x.dtype)
+    return x, aux
+
+
+def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) weights of PyTorch's bicubic resize as DINO calls it.
+
+  DINO's `interpolate_pos_encoding` calls F.interpolate(mode='bicubic', align_corners=False,
+  scale_factor=(out + 0.1) / in): Keys cubic with A = -0.75, source coordinate
+  (dst + 0.5) / scale_factor - 0.5, border indices clamped. jax.image.resize uses A = -0.5 and
+  other coordinates, so imported checkpoints would see different position embeddings.
+  """
+  a = -0.75
+  scale = in_size / (out_size + 0.1)
+  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+  base = np.floor(src)
+  t = src - base
+  weights = np.stack([
+      ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+      ((a + 2) * t - (a + 3)) * t * t + 1,
+      ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+      ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+  ], axis=1)
+  index = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, in_size - 1)
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (np.repeat(np.arange(out_size), 4), index.ravel()), weights.ravel())
+  return matrix
+
+
+def interpolate_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+  """Resizes learned position embeddings to a patch grid, as DINO does for other input sizes.
+
+  pos_embed: (1, 1 + G*G, D) for a square G x G training grid; returns (1, 1 + gh*gw, D). The
+  [CLS] entry is kept; the patch grid is resized bicubically (PyTorch's kernel, see
+  `_bicubic_matrix`). The training grid itself is returned unchanged.
+  """
+  num_patches = pos_embed.shape[1] - 1
+  side = math.isqrt(num_patches)
+  if grid_hw == (side, side):
+    return pos_embed
+  grid = pos_embed[0, 1:].reshape(side, side, -1).astype(jnp.float32)
+  rows = jnp.asarray(_bicubic_matrix(side, grid_hw[0]), jnp.float32)
+  cols = jnp.asarray(_bicubic_matrix(side, grid_hw[1]), jnp.float32)
+  grid = jnp.einsum("oh,pw,hwd->opd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
+  patches = grid.reshape(1, grid_hw[0] * grid_hw[1], -1).astype(pos_embed.dtype)
+  return jnp.concatenate([pos_embed[:, :1], patches], axis=1)
+
+
+class VisionTransformer(nnx.Module):
+  """DINO's ViT. Call it on normalised images (B, H, W, 3); see `__call__` for the outputs.
+
+  Attributes (parameters): `patch_embed` (conv kernel (p, p, 3, D)), `cls_token` (1, 1, D),
+  `pos_embed` (1, 1 + (img_size/p)^2, D), `blocks[i]` (`norm1`, `attn.qkv`, `attn.proj`,
+  `norm2`, `mlp.fc1`, `mlp.fc2`), `norm`.
+  """
+
+  def __init__(self, variant: str | None = "S/16", *, img_size: int = 224,
+               drop_path_rate: float = 0.0, dtype: Any = jnp.float32,
+               dim: int | None = None, depth: int | None = None,
+               num_heads: int | None = None, patch_size: int | None = None,
+               rngs: nnx.Rngs):
+    """Builds the model.
+
+    Args:
+      variant: a name from `VARIANTS` ("Ti/16", "S/16", "B/16", "Ti/8", "S/8", "B/8"), or None
+        for a custom size given entirely by `dim`, `depth`, `num_heads`, `patch_size`.
+      img_size: side of the square training images; sets the position-embedding grid.
+      drop_path_rate: stochastic depth of the last block; block i uses
+        drop_path_rate * i / (depth - 1), as DINO. Only applied when `__call__` gets an rng.
+      dtype: compute dtype of the matmuls (float32 or bfloat16); parameters stay float32, and
+        the residual stream, norms and softmax stay float32.
+      dim, depth, num_heads, patch_size: override the variant's values.
+      rngs: parameter initialisation.
+    """
+    size = resolve_size(variant, dim=dim, depth=depth, num_heads=num_heads,
+                        patch_size=patch_size)
+    if img_size % size.patch_size:
+      raise ValueError(
+          f"img_size ({img_size}) must be divisible by the patch size ({size.patch_size}).")
+    if not 0.0 <= drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+    self.size = size
+    self.img_size = img_size
+    self.dtype = dtype
+    p, d = size.patch_size, size.dim
+    fan_in = p * p * 3
+    self.patch_embed = nnx.Conv(
+        3, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=dtype,
+        kernel_init=_torch_default_init(fan_in), bias_init=_torch_default_init(fan_in),
+        rngs=rngs)
+    num_patches = (img_size // p) ** 2
+    self.cls_token = nnx.Param(_trunc_normal_init()(rngs.params(), (1, 1, d)))
+    self.pos_embed = nnx.Param(_trunc_normal_init()(rngs.params(), (1, num_patches + 1, d)))
+    rates = np.linspace(0.0, drop_path_rate, size.depth)
+    self.blocks = nnx.List([
+        Block(d, size.num_heads, drop_path_rate=float(rate), dtype=dtype, rngs=rngs)
+        for rate in rates
+    ])
+    self.norm = _layer_norm(d, rngs)
+
+  def _check_images(self, images: jax.Array) -> None:
+    p = self.size.patch_size
+    expected = f"(B, H, W, 3) floating point with H and W multiples of the patch size {p}"
+    if (images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % p
+        or images.shape[2] % p or images.shape[1] == 0 or images.shape[2] == 0):
+      raise ValueError(
+          f"VisionTransformer: images has shape {tuple(images.shape)}; expected {expected}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(
+          f"VisionTransformer: images has dtype {images.dtype}; expected {expected} "
+          "(normalise uint8 pixels first).")
+
+  def __call__(self, images: jax.Array, *, drop_path_rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """Runs the ViT.
+
+    Args:
+      images: (B, H, W, 3) normalised float images; H, W multiples of the patch size. Sizes
+        other than `img_size` (local crops, non-square frames) interpolate `pos_embed`.
+      drop_path_rng: PRNG key enabling stochastic depth (student); None for a deterministic
+        pass (teacher, evaluation).
+
+    Returns:
+      A dict of float32 arrays: `cls` (B, D) and `tokens` (B, N, D), both after the final norm;
+      from the last block, `attn` (B, h, N+1, N+1) softmax probabilities and `q`, `k`
+      (B, h, N+1, d), the per-head queries and keys before the 1/sqrt(d) scaling.
+    """
+    self._check_images(images)
+    batch, height, width, _ = images.shape
+    p = self.size.patch_size
+    x = self.patch_embed(images).astype(jnp.float32)  # (B, H/p, W/p, D)
+    x = x.reshape(batch, -1, self.size.dim)
+    cls = jnp.broadcast_to(self.cls_token[...], (batch, 1, self.size.dim))
+    x = jnp.concatenate([cls, x], axis=1)
+    x = x + interpolate_pos_embed(self.pos_embed[...], (height // p, width // p))
+
+    block_rngs = [None] * len(self.blocks)
+    if drop_path_rng is not None:
+      block_rngs = list(jax.random.split(drop_path_rng, len(self.blocks)))
+    aux = {}
+    for block, rng in zip(self.blocks, block_rngs):
+      x, aux = block(x, rng)
+    x = self.norm(x)
+    return {
+        "cls": x[:, 0],
+        "tokens": x[:, 1:],
+        "attn": aux["attn"],
+        "q": aux["q"].astype(jnp.float32),
+        "k": aux["k"].astype(jnp.float32),
+    }
+
+
+# ---- PyTorch weights: DINO/DoRA names <-> NNX parameter paths. ----
+
+_PREFIXES = ("module.", "backbone.")
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _torch_name(path: tuple) -> str:
+  """NNX path -> PyTorch name, e.g. ('blocks', 0, 'norm1', 'scale') -> 'blocks.0.norm1.weight'."""
+  parts = [str(key) for key in path]
+  if parts[0] == "patch_embed":
+    parts.insert(1, "proj")
+  if parts[-1] in ("kernel", "scale"):
+    parts[-1] = "weight"
+  return ".".join(parts)
+
+
+def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if path[-1] == "kernel":
+    return tuple(reversed(shape)) if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    # Linear (in, out) -> (out, in); Conv (p, p, 3, D) -> (D, 3, p, p).
+    return value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+  return value
+
+
+def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+  return value
+
+
+def to_torch_state_dict(model: VisionTransformer) -> dict[str, np.ndarray]:
+  """The model's weights under DINO's PyTorch names (float32 numpy arrays, PyTorch layouts)."""
+  _, state = nnx.split(model)
+  return {
+      _torch_name(path): np.asarray(_to_torch_layout(path, np.asarray(value)), np.float32)
+      for path, value in _flatten(nnx.to_pure_dict(state)).items()
+  }
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], prefixes=_PREFIXES) -> dict[str, Any]:
+  """Removes leading `module.` / `backbone.` (in any order) from every name."""
+  pattern = re.compile("^(?:" + "|".join(re.escape(p) for p in prefixes) + ")+")
+  out: dict[str, Any] = {}
+  for name, value in state_dict.items():
+    short = pattern.sub("", name)
+    if short in out:
+      raise ValueError(
+          f"state_dict has two entries for {short!r} once prefixes {prefixes} are removed "
+          f"(one is {name!r}); pass one model's weights (e.g. checkpoint['teacher']).")
+    out[short] = value
+  return out
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "S/16",
+                          **kwargs) -> VisionTransformer:
+  """Builds a `VisionTransformer` from DINO/DoRA PyTorch weights.
+
+  Args:
+    state_dict: name -> array (numpy, or anything `np.asarray` takes, e.g. CPU torch tensors),
+      e.g. `torch.load(path)['teacher']`. Names may carry `module.` / `backbone.` prefixes;
+      `head.*` entries (the DINO head) are skipped and logged.
+    variant: as in `VisionTransformer` (None with dim/depth/num_heads/patch_size in kwargs).
+    **kwargs: other `VisionTransformer` arguments. When `img_size` is absent it is read from
+      the checkpoint's `pos_embed` (e.g. 197 tokens at patch 16 -> 224).
+
+  Raises:
+    ValueError: listing every missing and unexpected name and every shape mismatch; nothing is
+      loaded partially.
+  """
+  weights = strip_prefixes(state_dict)
+  head_names = sorted(name for name in weights if name.startswith("head."))
+  if head_names:
+    logging.info("from_torch_state_dict: ignoring %d DINO head entries: %s",
+                 len(head_names), ", ".join(head_names))
+  weights = {k: np.asarray(v) for k, v in weights.items() if not k.startswith("head.")}
+
+  if "img_size" not in kwargs and "pos_embed" in weights:
+    size = resolve_size(variant, **{k: kwargs[k] for k in
+                                    ("dim", "depth", "num_heads", "patch_size") if k in kwargs})
+    side = math.isqrt(max(weights["pos_embed"].shape[1] - 1, 0))
+    if weights["pos_embed"].ndim == 3 and side * side + 1 == weights["pos_embed"].shape[1]:
+      kwargs["img_size"] = side * size.patch_size
+
+  abstract = nnx.eval_shape(lambda: VisionTransformer(variant, rngs=nnx.Rngs(0), **kwargs))
+  graphdef, state = nnx.split(abstract)
+  expected = {_torch_name(path): (path, value.shape)
+              for path, value in _flatten(nnx.to_pure_dict(state)).items()}
+
+  missing = sorted(set(expected) - set(weights))
+  unexpected = sorted(set(weights) - set(expected))
+  mismatched = []
+  for name in sorted(set(expected) & set(weights)):
+    path, shape = expected[name]
+    if weights[name].shape != _torch_shape(path, shape):
+      mismatched.append(f"{name}: expected {_torch_shape(path, shape)}, got {weights[name].shape}")
+  if missing or unexpected or mismatched:
+    raise ValueError(
+        f"from_torch_state_dict(variant={variant!r}, {kwargs}): the weights do not match the "
+        f"model.\n  missing ({len(missing)}): {missing}\n  unexpected ({len(unexpected)}): "
+        f"{unexpected}\n  shape mismatches ({len(mismatched)}): {mismatched}\n"
+        "Check the variant (and img_size for pos_embed) against the checkpoint.")
+
+  loaded = {path: jnp.asarray(_from_torch_layout(path, weights[name]), jnp.float32)
+            for name, (path, _) in expected.items()}
+  nnx.replace_by_pure_dict(state, _unflatten(loaded))
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,136 @@
+"""DINO head and DinoModel tests: NumPy float64 reference, weight norm, names, builder."""
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from dora_jax import config_base
+from dora_jax import models
+from dora_jax.models import head as head_lib
+
+# The sizes of `tiny_model_config`, so all tests share compiled initialisers.
+IN, HIDDEN, BOTTLENECK, OUT = 32, 24, 8, 12
+
+
+def random_head_weights(num_layers=3, seed=0):
+  """A DINO head's weights under its PyTorch names (checkpoint['teacher'] style)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  widths = [IN] + [HIDDEN] * (num_layers - 1) + [BOTTLENECK]
+  names = ["mlp"] if num_layers == 1 else [f"mlp.{2 * i}" for i in range(num_layers)]
+  sd = {}
+  for name, w_in, w_out in zip(names, widths[:-1], widths[1:]):
+    sd[f"head.{name}.weight"] = 0.5 * normal(w_out, w_in)
+    sd[f"head.{name}.bias"] = 0.5 * normal(w_out)
+  sd["head.last_layer.weight_g"] = (1 + 0.5 * rng.random((OUT, 1))).astype(np.float32)
+  sd["head.last_layer.weight_v"] = normal(OUT, BOTTLENECK)
+  sd["backbone.cls_token"] = normal(1, 1, IN)  # Skipped by the head loader.
+  return sd
+
+
+def numpy_head(sd, x):
+  """DINOHead.forward in float64: MLP, F.normalize, weight_norm(Linear(bias=False))."""
+  sd = {k.removeprefix("head."): np.asarray(v, np.float64) for k, v in sd.items()}
+  x = np.asarray(x, np.float64)
+  layers = sorted({k.rsplit(".", 1)[0] for k in sd if k.startswith("mlp")},
+                  key=lambda n: int(n.split(".")[1]) if "." in n else 0)
+  for i, name in enumerate(layers):
+    x = x @ sd[name + ".weight"].T + sd[name + ".bias"]
+    if i < len(layers) - 1:
+      x = 0.5 * x * (1 + special.erf(x / np.sqrt(2)))
+  x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  v = sd["last_layer.weight_v"]
+  weight = sd["last_layer.weight_g"] * v / np.linalg.norm(v, axis=1, keepdims=True)
+  return x @ weight.T
+
+
+def inputs(batch=5, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, IN)), jnp.float32)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_head_matches_numpy(num_layers):
+  sd = random_head_weights(num_layers)
+  head = head_lib.head_from_torch_state_dict(sd)
+  x = inputs()
+  logits = head(x)
+  assert logits.shape == (5, OUT) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), numpy_head(sd, x), rtol=0, atol=1e-5)
+  # Export gives back the same weights (without the prefix and the backbone entry).
+  exported = head_lib.head_to_torch_state_dict(head)
+  for name, value in exported.items():
+    np.testing.assert_array_equal(value, sd["head." + name], err_msg=name)
+
+
+def test_parameter_names_and_init():
+  head = models.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+  assert params["last_layer_v"].shape == (BOTTLENECK, OUT)
+  assert params["last_layer_g"].shape == (OUT,)
+  np.testing.assert_array_equal(params["last_layer_g"], np.ones(OUT))
+  assert [params["mlp"][i]["kernel"].shape for i in range(3)] == [
+      (IN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, BOTTLENECK)]
+  kernels = np.concatenate([np.ravel(params["mlp"][i]["kernel"]) for i in range(3)])
+  assert abs(kernels.std() - 0.02) < 0.0012  # DINO: trunc_normal_(std=.02), 1536 samples.
+  for i in range(3):
+    np.testing.assert_array_equal(params["mlp"][i]["bias"], 0.0)
+
+
+def test_norm_last_layer_fixes_gain_at_one():
+  head = models.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK,
+                         norm_last_layer=True, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(head, nnx.Param))
+  assert "last_layer_g" not in params and "last_layer_v" in params
+  # The effective prototypes (PyTorch's weight rows) have unit norm whatever v is.
+  head.last_layer_v[...] = 3.0 * head.last_layer_v[...]
+  np.testing.assert_allclose(np.linalg.norm(head.last_layer_weight(), axis=0), 1.0, atol=1e-6)
+  # And it loads a DINO checkpoint saved with norm_last_layer=True (gain all ones).
+  sd = random_head_weights()
+  sd["head.last_layer.weight_g"] = np.ones((OUT, 1), np.float32)
+  loaded = head_lib.head_from_torch_state_dict(sd, norm_last_layer=True)
+  np.testing.assert_allclose(np.asarray(loaded(inputs())), numpy_head(sd, inputs()), atol=1e-5)
+
+
+def test_head_loader_reports_bad_names():
+  sd = random_head_weights()
+  del sd["head.mlp.2.bias"]
+  sd["head.mlp.1.running_mean"] = np.zeros(HIDDEN, np.float32)
+  with pytest.raises(ValueError) as info:
+    head_lib.head_from_torch_state_dict(sd)
+  assert "mlp.2.bias" in str(info.value) and "mlp.1.running_mean" in str(info.value)
+  with pytest.raises(ValueError, match="norm_last_layer=False"):  # A learned gain.
+    head_lib.head_from_torch_state_dict(random_head_weights(), norm_last_layer=True)
+
+
+def tiny_model_config():
+  config = config_base.get_base_config().model
+  config.update(dict(dim=32, depth=2, num_heads=4, patch_size=4, out_dim=12, head_hidden_dim=24,
+                     head_bottleneck_dim=8))
+  return config
+
+
+def test_build_model_and_dino_model_call():
+  # Built under jit as the trainer may do (and one compile instead of one per initialiser).
+  model = nnx.jit(lambda: models.build_model(tiny_model_config(), img_size=16,
+                                             rngs=nnx.Rngs(0)))()
+  assert model.backbone.size.dim == 32 and len(model.backbone.blocks) == 2
+  assert model.backbone.blocks[1].drop_path_rate == pytest.approx(0.1)
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16, 16, 3)), jnp.float32)
+  graphdef, params = nnx.split(model, nnx.Param)
+  call = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+  logits, out = call(params, images)
+  assert logits.shape == (3, 12) and out["attn"].shape == (3, 4, 17, 17)
+  np.testing.assert_allclose(logits, model.head(out["cls"]), atol=1e-6)
+
+
+def test_build_model_rejects_unknown_dtype_and_variant():
+  config = tiny_model_config()
+  config.compute_dtype = "float16"
+  with pytest.raises(ValueError, match="compute_dtype"):
+    models.build_model(config, img_size=16, rngs=nnx.Rngs(0))
+  config = config_base.get_base_config().model
+  config.variant = "L/16"
+  with pytest.raises(ValueError, match="'L/16'"):
+    models.build_model(config, img_size=224, rngs=nnx.Rngs(0))
