@@ -159,3 +159,33 @@ def test_output_folder_of_another_dataset_or_options_is_refused(video, tmp_path,
   assert convert.main([video, "--out", mine, "--no-progress", "--short-side", "48"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "other --out folder" in err
+
+
+def test_rerun_repairs_shards_cut_short_or_failing_a_crc(video, tmp_path):
+  out = str(tmp_path / "shards")
+  convert.convert([video], out, frames_per_shard=8, progress=False)
+  names = sorted(n for n in os.listdir(out) if n.endswith(".tfrecord"))
+  pristine = {n: open(os.path.join(out, n), "rb").read() for n in names}
+
+  def rerun(*flags):
+    return convert.main([video, "--out", out, "--frames-per-shard", "8", "--no-progress", *flags])
+
+  os.remove(os.path.join(out, names[0] + tfrecord.INDEX_SUFFIX))  # Index lost: rebuilt.
+  with open(os.path.join(out, names[2]), "r+b") as f:  # Cut short: converted again from there.
+    f.truncate(len(pristine[names[2]]) - 100)
+  assert rerun() == 0
+  for name in names:
+    assert open(os.path.join(out, name), "rb").read() == pristine[name], name
+  assert os.path.exists(os.path.join(out, names[0] + tfrecord.INDEX_SUFFIX))
+
+  damaged = bytearray(pristine[names[1]])
+  damaged[200] ^= 0x10  # A flipped bit: same size, so only --verify (every CRC) finds it.
+  open(os.path.join(out, names[1]), "wb").write(damaged)
+  assert rerun() == 0
+  assert open(os.path.join(out, names[1]), "rb").read() == bytes(damaged)
+  assert rerun("--verify") == 0
+  for name in names:
+    assert open(os.path.join(out, name), "rb").read() == pristine[name], name
+  manifest = source.load_manifest(out)
+  assert manifest["videos"][0]["complete"]
+  assert manifest["videos"][0]["frames_kept"] == NUM_FRAMES - len(BLANK)

@@ -1,7 +1,7 @@
 """`dora-convert`: videos into TFRecord shards of JPEG frames, decoded once, offline.
 
   dora-convert VIDEO [VIDEO ...] --out DIR [--every N] [--short-side S] [--quality Q]
-               [--frames-per-shard F] [--blank-threshold B]
+               [--frames-per-shard F] [--blank-threshold B] [--verify]
 
 Every n-th frame of each video (anything FFmpeg reads, through PyAV) is resized to the given
 shorter side (frames are never upscaled), JPEG-encoded and stored as one tf.train.Example per
@@ -12,7 +12,8 @@ frames (luma standard deviation below `--blank-threshold`) are dropped and count
 `DIR/manifest.json` lists the options, and per video its source, fps, frame counts and shards. It
 is rewritten (atomically) after every shard, so re-running the same command resumes: completed
 shards are kept, a shard is written under a temporary name and renamed only when complete, and
-completed videos are skipped. Videos that fail (missing, not a video, truncated, no decodable
+completed videos are skipped; shards found missing, cut short or (with --verify) failing a CRC
+are written again. Videos that fail (missing, not a video, truncated, no decodable
 frames) are reported one line each, the others are still converted, and the exit status is 1.
 """
 from __future__ import annotations
@@ -126,21 +127,50 @@ def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
   return buffer.getvalue()
 
 
-def _check_shards(out_dir: str, entry: dict[str, Any]) -> None:
-  """Keeps the listed shards of an unfinished video up to the first missing one."""
+def _shard_ok(path: str, num_records: int, verify: bool) -> bool:
+  """Whether a listed shard is whole: present, its index present (rebuilt if missing), the file
+  as long as its index says, the record count right, and with `verify` every CRC right."""
+  if not os.path.exists(path):
+    return False
+  try:
+    if verify or not os.path.exists(path + tfrecord.INDEX_SUFFIX):
+      offsets, sizes = tfrecord.build_index(path)  # Walks the framing, checking every CRC.
+      tfrecord.write_index(path + tfrecord.INDEX_SUFFIX, offsets, sizes)
+    else:
+      offsets, sizes = tfrecord.read_index(path)
+  except tfrecord.CorruptRecordError:
+    return False
+  end = int(offsets[-1] + sizes[-1]) if len(offsets) else 0
+  return len(offsets) == num_records and os.path.getsize(path) == end
+
+
+def _check_shards(out_dir: str, entry: dict[str, Any], verify: bool) -> None:
+  """Keeps the listed shards of a video up to the first one that is not whole.
+
+  A video that loses shards is no longer complete: converting it again resumes from there.
+  """
   kept = []
   for shard in entry["shards"]:
-    path = os.path.join(out_dir, shard["file"])
-    if not (os.path.exists(path) and os.path.exists(path + tfrecord.INDEX_SUFFIX)):
+    if not _shard_ok(os.path.join(out_dir, shard["file"]), shard["num_records"], verify):
       break
     kept.append(shard)
-  entry["shards"] = kept
+  if len(kept) < len(entry["shards"]):
+    for shard in entry["shards"][len(kept):]:
+      for name in (shard["file"], shard["file"] + tfrecord.INDEX_SUFFIX):
+        if os.path.exists(os.path.join(out_dir, name)):
+          os.remove(os.path.join(out_dir, name))
+    entry["shards"] = kept
+    entry["complete"] = False
 
 
 def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Options, *,
-                  video_id: str | None = None, on_frame: Callable[[int], None] = lambda n: None,
+                  video_id: str | None = None, verify: bool = False,
+                  on_frame: Callable[[int], None] = lambda n: None,
                   set_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
   """Converts one video into `out_dir`, resuming its shards listed in `manifest`.
+
+  Listed shards are checked first (see `_shard_ok`; all CRCs with `verify`); from the first
+  damaged or missing one on, the video is converted again.
 
   Returns its manifest entry (also updated in `manifest` and saved after every shard).
   """
@@ -166,6 +196,8 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
           f"from '{entry['source']}' ({entry['source_bytes']} bytes); rename the file or use "
           "another --out folder")
   if entry is not None and entry["complete"]:
+    _check_shards(out_dir, entry, verify)
+  if entry is not None and entry["complete"]:
     set_total(entry["frames_decoded"])
     on_frame(entry["frames_decoded"])
     return entry
@@ -179,7 +211,7 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
                "height": None, "width": None, "source_height": stream.height,
                "source_width": stream.width, "shards": []}
       manifest["videos"].append(entry)
-    _check_shards(out_dir, entry)
+    _check_shards(out_dir, entry, verify)
     if entry["shards"]:  # Counters as they were when the last complete shard was written.
       entry.update(entry["shards"][-1]["counts_after"])
       resume_after = entry["shards"][-1]["last_frame_index"]
@@ -275,7 +307,8 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
 
 def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: int = 512,
             quality: int = 90, frames_per_shard: int = 1000, blank_threshold: float = 2.0,
-            progress: bool = True, errors: list[str] | None = None) -> dict[str, Any]:
+            progress: bool = True, verify: bool = False,
+            errors: list[str] | None = None) -> dict[str, Any]:
   """Converts `videos` into shards in `out_dir` and returns the manifest.
 
   Each failing video gives a one-line message; the other videos are still converted. The messages
@@ -315,8 +348,8 @@ def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: 
       bar.set_description(video_id)
 
       try:
-        convert_video(path, out_dir, manifest, options, video_id=video_id, on_frame=bar.update,
-                      set_total=lambda n: bar.reset(total=n))
+        convert_video(path, out_dir, manifest, options, video_id=video_id, verify=verify,
+                      on_frame=bar.update, set_total=lambda n: bar.reset(total=n))
       except ConversionError as e:
         failures.append(str(e))
   finally:
@@ -345,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--blank-threshold", type=float, default=2.0,
                       help="Drop frames whose luma std (0-255) is below this; 0 keeps all "
                       "(default 2).")
+  parser.add_argument("--verify", action="store_true",
+                      help="Check every CRC of the shards already written (else only their "
+                      "sizes); damaged shards are converted again.")
   parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
   args = parser.parse_args(argv)
   errors: list[str] = []
@@ -352,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = convert(args.videos, args.out, every=args.every, short_side=args.short_side,
                        quality=args.quality, frames_per_shard=args.frames_per_shard,
                        blank_threshold=args.blank_threshold, progress=not args.no_progress,
-                       errors=errors)
+                       verify=args.verify, errors=errors)
   except ConversionError as e:
     print(f"dora-convert: error: {e}", file=sys.stderr)
     return 2

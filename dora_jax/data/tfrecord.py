@@ -70,11 +70,11 @@ def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | N
   if masked_crc(blob[:8]) != length_crc:
     raise CorruptRecordError(
         f"TFRecord '{path}': bad length CRC in record {index} at byte {offset} (file corrupt; "
-        "re-run dora-convert)")
+        "re-run dora-convert with --verify)")
   if size is not None and length + FRAMING_BYTES != size:
     raise CorruptRecordError(
         f"TFRecord '{path}': record {index} at byte {offset} holds {length} bytes but its index "
-        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}; delete the index to rebuild it")
+        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}; re-run dora-convert with --verify")
   end = _HEADER.size + length + _FOOTER.size
   if len(blob) < end:
     raise CorruptRecordError(
@@ -85,7 +85,7 @@ def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | N
   if masked_crc(data) != data_crc:
     raise CorruptRecordError(
         f"TFRecord '{path}': bad data CRC in record {index} at byte {offset} (file corrupt; "
-        "re-run dora-convert)")
+        "re-run dora-convert with --verify)")
   return data
 
 
@@ -160,17 +160,18 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(offsets, sizes) of the shard `path` from its index file `path.idx`."""
   index_path = path + INDEX_SUFFIX
   try:
-    table = np.loadtxt(index_path, dtype=np.int64, ndmin=2)
+    with open(index_path) as f:
+      words = f.read().split()
   except FileNotFoundError:
     raise FileNotFoundError(
         f"offset index '{index_path}' of shard '{path}' is missing; re-run dora-convert "
         "(it rebuilds indexes)") from None
-  except ValueError as e:
-    raise CorruptRecordError(f"offset index '{index_path}' is not 'offset size' lines: {e}") from None
-  if table.size == 0:
-    return np.zeros((0,), np.int64), np.zeros((0,), np.int64)
-  if table.shape[1] != 2:
-    raise CorruptRecordError(f"offset index '{index_path}' is not 'offset size' lines")
+  try:
+    table = np.array(words, dtype=np.int64).reshape(-1, 2)
+  except ValueError:
+    raise CorruptRecordError(
+        f"offset index '{index_path}' is not 'offset size' lines; re-run dora-convert with "
+        "--verify") from None
   return table[:, 0].copy(), table[:, 1].copy()
 
 

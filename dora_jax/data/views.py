@@ -93,6 +93,12 @@ def compose_box(outer: Box, outer_size: int, inner: Box) -> Box:
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L" conversion.
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+_EYE = np.eye(3)
+_TO_GRAY = np.outer(np.ones(3), _LUMA)  # RGB -> (luma, luma, luma).
+# A hue turn by angle a in RGB: _HUE_FIXED + cos(a) _HUE_COS + sin(a) _HUE_SIN (YIQ rotation).
+_HUE_FIXED = _YIQ_TO_RGB @ np.diag([1.0, 0.0, 0.0]) @ _RGB_TO_YIQ
+_HUE_COS = _YIQ_TO_RGB @ np.diag([0.0, 1.0, 1.0]) @ _RGB_TO_YIQ
+_HUE_SIN = _YIQ_TO_RGB @ np.array([[0.0, 0, 0], [0, 0, -1], [0, 1, 0]]) @ _RGB_TO_YIQ
 
 
 def _mean_rgb(image: Image.Image) -> np.ndarray:
@@ -119,19 +125,17 @@ def jitter_affine(factors: Sequence[float], order: Sequence[int],
   matrix, offset = np.eye(3), np.zeros(3)
   for op in order:
     if op == 0:
-      step, shift = factors[0] * np.eye(3), np.zeros(3)
+      matrix, offset = factors[0] * matrix, factors[0] * offset
     elif op == 1:
       gray_mean = _LUMA @ (matrix @ mean_rgb + offset)  # Mean luma of this op's input.
-      step, shift = factors[1] * np.eye(3), np.full(3, (1 - factors[1]) * gray_mean)
-    elif op == 2:
-      step = factors[2] * np.eye(3) + (1 - factors[2]) * np.outer(np.ones(3), _LUMA)
-      shift = np.zeros(3)
+      matrix, offset = factors[1] * matrix, factors[1] * offset + (1 - factors[1]) * gray_mean
     else:
-      angle = 2 * np.pi * factors[3]
-      rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
-                           [0, np.sin(angle), np.cos(angle)]])
-      step, shift = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ, np.zeros(3)
-    matrix, offset = step @ matrix, step @ offset + shift
+      if op == 2:
+        step = factors[2] * _EYE + (1 - factors[2]) * _TO_GRAY
+      else:
+        angle = 2 * np.pi * factors[3]
+        step = _HUE_FIXED + np.cos(angle) * _HUE_COS + np.sin(angle) * _HUE_SIN
+      matrix, offset = step @ matrix, step @ offset
   return matrix, offset
 
 
@@ -156,8 +160,7 @@ def color_matrix(rng: np.random.Generator, config: ViewConfig,
                                    _mean_rgb(image) if config.contrast > 0 else np.zeros(3))
   if rng.uniform() < config.grayscale_prob:
     touched = True
-    gray = np.outer(np.ones(3), _LUMA)
-    matrix, offset = gray @ matrix, gray @ offset
+    matrix, offset = _TO_GRAY @ matrix, _TO_GRAY @ offset
   if not touched:
     return None
   return np.concatenate([matrix, offset[:, None]], axis=1)
@@ -186,18 +189,19 @@ def _decode(jpeg: bytes, size: tuple[int, int], shrink: float) -> tuple[Image.Im
   return image, width / image.width
 
 
-def _view(image: Image.Image, box: Box, factor: float, size: int, flip: bool) -> Image.Image:
+def _view(image: Image.Image, box: Box, factor: float, size: int) -> Image.Image:
   left, top, w, h = (v / factor for v in box)
-  view = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-  return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+  return image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
 
 
-def clip_views(jpegs: Sequence[bytes], size: tuple[int, int], rng: np.random.Generator,
-               config: ViewConfig, *, return_boxes: bool = False) -> dict[str, np.ndarray]:
+def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
+               rng: np.random.Generator, config: ViewConfig, *,
+               return_boxes: bool = False) -> dict[str, np.ndarray]:
   """The views of one clip.
 
   Args:
-    jpegs: the T frames of the clip, JPEG bytes, all of stored size `size` = (H, W).
+    jpegs: the T frames of the clip, JPEG bytes (or decoded RGB images), all of size
+      `size` = (H, W).
     rng: the only source of randomness (grain's per-element generator).
     config: view settings.
     return_boxes: also return the boxes (stored-frame pixels, (left, top, width, height)).
@@ -222,19 +226,25 @@ def clip_views(jpegs: Sequence[bytes], size: tuple[int, int], rng: np.random.Gen
   shrink = min(min(global_box[2], global_box[3]) / config.global_size,
                min((min(b[2], b[3]) for boxes in local_boxes for b in boxes),
                    default=math.inf) / max(config.local_size, 1))
-  frames, crops = [], []
-  for jpeg, boxes, flips in zip(jpegs, local_boxes, local_flips):
-    image, factor = _decode(jpeg, size, shrink)
-    view = _view(image, global_box, factor, config.global_size, flip)
-    frames.append(np.asarray(color_augment(view, rng, config, config.global_blur_prob)))
-    frame_crops = []
-    for box, local_flip in zip(boxes, flips):
-      crop = _view(image, box, factor, config.local_size, bool(local_flip))
-      frame_crops.append(np.asarray(color_augment(crop, rng, config, config.local_blur_prob)))
-    crops.append(frame_crops)
-  out = {"frames": np.stack(frames)}
+  num_frames = len(jpegs)
+  frames = np.empty((num_frames, config.global_size, config.global_size, 3), np.uint8)
+  crops = np.empty((num_frames, num_local, config.local_size, config.local_size, 3), np.uint8)
+  for t, (jpeg, boxes, flips) in enumerate(zip(jpegs, local_boxes, local_flips)):
+    if isinstance(jpeg, Image.Image):  # Already decoded (the benchmark's reference path).
+      image, factor = jpeg, 1.0
+    else:
+      image, factor = _decode(jpeg, size, shrink)
+    # Colour ops and the (symmetric) blur commute with the flip: it happens in the copy out.
+    view = np.asarray(color_augment(_view(image, global_box, factor, config.global_size), rng,
+                                    config, config.global_blur_prob))
+    frames[t] = view[:, ::-1] if flip else view
+    for m, (box, local_flip) in enumerate(zip(boxes, flips)):
+      crop = np.asarray(color_augment(_view(image, box, factor, config.local_size), rng, config,
+                                      config.local_blur_prob))
+      crops[t, m] = crop[:, ::-1] if local_flip else crop
+  out = {"frames": frames}
   if num_local:
-    out["crops"] = np.stack([np.stack(c) for c in crops])
+    out["crops"] = crops
   if return_boxes:
     out.update(pre_box=np.array(pre_box), global_box=np.array(global_box), flip=np.array(flip),
                local_boxes=np.array(local_boxes, np.float64).reshape(len(jpegs), num_local, 4),
