@@ -93,29 +93,30 @@ def _luma(x):
   return x @ np.array([0.299, 0.587, 0.114])
 
 
-def test_jitter_affine_equals_the_ops_applied_one_by_one_in_float64():
+def test_jitter_affines_equal_the_ops_applied_one_by_one_in_float64():
   rng = np.random.default_rng(0)
   pixels = rng.uniform(60, 190, size=(500, 3))
-  for trial in range(20):
-    factors = (rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2),
-               rng.uniform(-0.1, 0.1))
-    order = rng.permutation(4)
+  factors = np.stack([rng.uniform(0.6, 1.4, 20), rng.uniform(0.6, 1.4, 20),
+                      rng.uniform(0.8, 1.2, 20), rng.uniform(-0.1, 0.1, 20)], -1)
+  orders = np.stack([rng.permutation(4) for _ in range(20)])
+  matrices, offsets = views.jitter_affines(factors, orders, np.tile(pixels.mean(0), (20, 1)))
+  for view in range(20):  # One batched call; each view checked on its own.
     expected = pixels.copy()
-    for op in order:  # Independent: op by op on the pixels, means recomputed on the fly.
+    for op in orders[view]:  # Independent: op by op on the pixels, means recomputed on the fly.
+      f = factors[view, op]
       if op == 0:
-        expected = expected * factors[0]
+        expected = expected * f
       elif op == 1:
-        expected = factors[1] * expected + (1 - factors[1]) * _luma(expected).mean()
+        expected = f * expected + (1 - f) * _luma(expected).mean()
       elif op == 2:
-        expected = factors[2] * expected + (1 - factors[2]) * _luma(expected)[:, None]
+        expected = f * expected + (1 - f) * _luma(expected)[:, None]
       else:  # Hue: keeps luma and chroma magnitude, turns chroma by 2 pi h in YIQ.
         yiq = expected @ views._RGB_TO_YIQ.T
-        angle = 2 * np.pi * factors[3]
+        angle = 2 * np.pi * f
         i = yiq[:, 1] * np.cos(angle) - yiq[:, 2] * np.sin(angle)
         q = yiq[:, 1] * np.sin(angle) + yiq[:, 2] * np.cos(angle)
         expected = np.stack([yiq[:, 0], i, q], -1) @ np.linalg.inv(views._RGB_TO_YIQ).T
-    matrix, offset = views.jitter_affine(factors, order, pixels.mean(0))
-    np.testing.assert_allclose(pixels @ matrix.T + offset, expected, atol=1e-9)
+    np.testing.assert_allclose(pixels @ matrices[view].T + offsets[view], expected, atol=1e-9)
 
 
 def test_brightness_contrast_saturation_match_pil_enhance():
@@ -125,10 +126,11 @@ def test_brightness_contrast_saturation_match_pil_enhance():
   mean = np.asarray(image, np.float64).reshape(-1, 3).mean(0)
   for op, enhance in ((0, ImageEnhance.Brightness), (1, ImageEnhance.Contrast),
                       (2, ImageEnhance.Color)):
-    factors = [1.0, 1.0, 1.0, 0.0]
-    factors[op] = 1.25
-    matrix, offset = views.jitter_affine(factors, [op], mean)
-    affine = tuple(np.concatenate([matrix, offset[:, None]], 1).reshape(-1))
+    factors = np.array([[1.0, 1.0, 1.0, 0.0]])
+    factors[0, op] = 1.25
+    order = np.array([[op] + [o for o in range(4) if o != op]])
+    matrix, offset = views.jitter_affines(factors, order, mean[None])
+    affine = tuple(np.concatenate([matrix[0], offset[0, :, None]], 1).reshape(-1))
     ours = np.asarray(image.convert("RGB", affine), np.int32)
     theirs = np.asarray(enhance(image).enhance(1.25), np.int32)
     assert np.abs(ours - theirs).max() <= 2, op  # PIL rounds the luma mean and the L image.

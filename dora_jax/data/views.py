@@ -101,80 +101,75 @@ _HUE_COS = _YIQ_TO_RGB @ np.diag([0.0, 1.0, 1.0]) @ _RGB_TO_YIQ
 _HUE_SIN = _YIQ_TO_RGB @ np.array([[0.0, 0, 0], [0, 0, -1], [0, 1, 0]]) @ _RGB_TO_YIQ
 
 
-def _mean_rgb(image: Image.Image) -> np.ndarray:
-  """Mean colour (3,) from the histogram (cheaper than converting the pixels)."""
-  histogram = np.asarray(image.histogram(), np.float64).reshape(3, 256)
-  return histogram @ np.arange(256) / histogram[0].sum()
+def _mean_rgb(image: Image.Image) -> tuple[int, int, int]:
+  """Mean colour of a view, to whole levels (a box-filter reduction to one pixel)."""
+  return image.reduce(image.size).getpixel((0, 0))
 
 
-def jitter_affine(factors: Sequence[float], order: Sequence[int],
-                  mean_rgb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-  """Colour jitter as one affine map of RGB: (matrix (3, 3), offset (3,)).
+def jitter_affines(factors: np.ndarray, orders: np.ndarray,
+                   means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Colour jitter of V views as affine maps of RGB: (matrices (V, 3, 3), offsets (V, 3)).
 
   Args:
-    factors: (brightness, contrast, saturation, hue): the first three multiply (1 = no change),
-      hue is a fraction of a turn.
-    order: the order in which the ops 0..3 (brightness, contrast, saturation, hue) apply.
-    mean_rgb: mean colour (3,) of the input, needed by contrast only.
+    factors: (V, 4) brightness, contrast, saturation, hue per view; the first three multiply
+      (1 = no change), hue is a fraction of a turn.
+    orders: (V, 4) the order in which the ops 0..3 (brightness, contrast, saturation, hue) apply.
+    means: (V, 3) mean colour of each input, needed by contrast.
 
   Brightness scales; contrast blends with the mean luma of its input; saturation blends each pixel
   with its luma (these three as torchvision/PIL define them); hue rotates the chroma plane of YIQ.
   Each is affine, so the composition is exact, except that the chain of uint8 images that
   torchvision makes would clip and round between the ops.
   """
-  matrix, offset = np.eye(3), np.zeros(3)
-  for op in order:
-    if op == 0:
-      matrix, offset = factors[0] * matrix, factors[0] * offset
-    elif op == 1:
-      gray_mean = _LUMA @ (matrix @ mean_rgb + offset)  # Mean luma of this op's input.
-      matrix, offset = factors[1] * matrix, factors[1] * offset + (1 - factors[1]) * gray_mean
-    else:
-      if op == 2:
-        step = factors[2] * _EYE + (1 - factors[2]) * _TO_GRAY
-      else:
-        angle = 2 * np.pi * factors[3]
-        step = _HUE_FIXED + np.cos(angle) * _HUE_COS + np.sin(angle) * _HUE_SIN
-      matrix, offset = step @ matrix, step @ offset
-  return matrix, offset
+  num_views = len(factors)
+  matrices = np.broadcast_to(_EYE, (num_views, 3, 3)).copy()
+  offsets = np.zeros((num_views, 3))
+  ones = np.ones(num_views)
+  angle = 2 * np.pi * factors[:, 3]
+  hue = _HUE_FIXED + np.cos(angle)[:, None, None] * _HUE_COS + np.sin(angle)[:, None, None] * _HUE_SIN
+  for position in range(4):  # Every view applies its op at this position; others are identity.
+    op = orders[:, position]
+    scale = np.where(op == 0, factors[:, 0], ones)  # Brightness.
+    matrices *= scale[:, None, None]
+    offsets *= scale[:, None]
+    contrast = np.where(op == 1, factors[:, 1], ones)
+    gray_mean = np.einsum("c,vcd,vd->v", _LUMA, matrices, means) + offsets @ _LUMA
+    matrices *= contrast[:, None, None]
+    offsets = contrast[:, None] * offsets + ((1 - contrast) * gray_mean)[:, None]
+    saturation = np.where(op == 2, factors[:, 2], ones)[:, None, None]
+    step = saturation * _EYE + (1 - saturation) * _TO_GRAY
+    step = np.where((op == 3)[:, None, None], hue, step)
+    matrices = step @ matrices
+    offsets = np.einsum("vcd,vd->vc", step, offsets)
+  return matrices, offsets
 
 
-def color_matrix(rng: np.random.Generator, config: ViewConfig,
-                 image: Image.Image) -> np.ndarray | None:
-  """Colour jitter and grayscale of one view as one affine map (3, 4) of RGB, or None.
-
-  Draws, in order: jitter (p color_jitter_prob) with brightness, contrast, saturation and hue
-  factors and their random order, as torchvision's ColorJitter (see `jitter_affine`); then
-  grayscale (p grayscale_prob).
-  """
-  matrix, offset = np.eye(3), np.zeros(3)
-  touched = False
-  if rng.uniform() < config.color_jitter_prob:
-    touched = True
-    factors = (rng.uniform(max(0.0, 1 - config.brightness), 1 + config.brightness),
-               rng.uniform(max(0.0, 1 - config.contrast), 1 + config.contrast),
-               rng.uniform(max(0.0, 1 - config.saturation), 1 + config.saturation),
-               rng.uniform(-config.hue, config.hue))
-    order = rng.permutation(4)
-    matrix, offset = jitter_affine(factors, order,
-                                   _mean_rgb(image) if config.contrast > 0 else np.zeros(3))
-  if rng.uniform() < config.grayscale_prob:
-    touched = True
-    matrix, offset = _TO_GRAY @ matrix, _TO_GRAY @ offset
-  if not touched:
-    return None
-  return np.concatenate([matrix, offset[:, None]], axis=1)
+def _draw_colour(rng: np.random.Generator, config: ViewConfig, shape: tuple[int, ...],
+                 blur_prob: np.ndarray) -> dict[str, np.ndarray]:
+  """The colour randomness of views of `shape`: whether and how to jitter, gray and blur."""
+  factors = np.stack([
+      rng.uniform(max(0.0, 1 - config.brightness), 1 + config.brightness, shape),
+      rng.uniform(max(0.0, 1 - config.contrast), 1 + config.contrast, shape),
+      rng.uniform(max(0.0, 1 - config.saturation), 1 + config.saturation, shape),
+      rng.uniform(-config.hue, config.hue, shape)], axis=-1)
+  return {
+      "jitter": rng.uniform(size=shape) < config.color_jitter_prob,
+      "factors": factors,
+      "orders": rng.permuted(np.broadcast_to(np.arange(4), (*shape, 4)), axis=-1),
+      "gray": rng.uniform(size=shape) < config.grayscale_prob,
+      "blur": rng.uniform(size=shape) < blur_prob,
+      "sigma": rng.uniform(*config.blur_sigma, shape),
+  }
 
 
-def color_augment(image: Image.Image, rng: np.random.Generator, config: ViewConfig,
-                  blur_prob: float) -> Image.Image:
-  """Colour jitter, grayscale (see `color_matrix`) and Gaussian blur (p blur_prob) of a view."""
-  affine = color_matrix(rng, config, image)
-  if affine is not None:
-    image = image.convert("RGB", tuple(float(v) for v in affine.reshape(-1)))
-  if rng.uniform() < blur_prob:
-    image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*config.blur_sigma)))
-  return image
+def color_affines(draws: dict[str, np.ndarray], means: np.ndarray) -> np.ndarray:
+  """(V, 3, 4) affine colour maps (jitter then grayscale) of V views from flat `draws`."""
+  factors = np.where(draws["jitter"][:, None], draws["factors"], [1.0, 1.0, 1.0, 0.0])
+  matrices, offsets = jitter_affines(factors, draws["orders"], means)
+  gray = draws["gray"][:, None, None]
+  matrices = np.where(gray, _TO_GRAY @ matrices, matrices)
+  offsets = np.where(gray[..., 0], offsets @ _TO_GRAY.T, offsets)
+  return np.concatenate([matrices, offsets[..., None]], axis=-1)
 
 
 def _decode(jpeg: bytes, size: tuple[int, int], shrink: float) -> tuple[Image.Image, float]:
@@ -202,6 +197,7 @@ def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
   Args:
     jpegs: the T frames of the clip, JPEG bytes (or decoded RGB images), all of size
       `size` = (H, W).
+    size: (H, W).
     rng: the only source of randomness (grain's per-element generator).
     config: view settings.
     return_boxes: also return the boxes (stored-frame pixels, (left, top, width, height)).
@@ -227,21 +223,36 @@ def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
                min((min(b[2], b[3]) for boxes in local_boxes for b in boxes),
                    default=math.inf) / max(config.local_size, 1))
   num_frames = len(jpegs)
-  frames = np.empty((num_frames, config.global_size, config.global_size, 3), np.uint8)
-  crops = np.empty((num_frames, num_local, config.local_size, config.local_size, 3), np.uint8)
-  for t, (jpeg, boxes, flips) in enumerate(zip(jpegs, local_boxes, local_flips)):
+  # View (t, 0) is frame t's global view, (t, 1 + m) its m-th local crop.
+  blur_prob = np.array([config.global_blur_prob] + [config.local_blur_prob] * num_local)
+  draws = _draw_colour(rng, config, (num_frames, 1 + num_local), blur_prob)
+  flat = {key: value.reshape(num_frames * (1 + num_local), *value.shape[2:])
+          for key, value in draws.items()}
+  resized = []
+  for jpeg, boxes in zip(jpegs, local_boxes):
     if isinstance(jpeg, Image.Image):  # Already decoded (the benchmark's reference path).
       image, factor = jpeg, 1.0
     else:
       image, factor = _decode(jpeg, size, shrink)
+    resized.append(_view(image, global_box, factor, config.global_size))
+    resized.extend(_view(image, box, factor, config.local_size) for box in boxes)
+  touched = flat["jitter"] | flat["gray"]
+  means = np.array([_mean_rgb(v) if j else (0, 0, 0) for v, j in zip(resized, flat["jitter"])],
+                   np.float64)
+  affines = color_affines(flat, means)
+  frames = np.empty((num_frames, config.global_size, config.global_size, 3), np.uint8)
+  crops = np.empty((num_frames, num_local, config.local_size, config.local_size, 3), np.uint8)
+  flips = np.concatenate([np.full((num_frames, 1), flip), local_flips], axis=1).reshape(-1)
+  for index, view in enumerate(resized):
+    if touched[index]:
+      view = view.convert("RGB", tuple(affines[index].reshape(-1).tolist()))
+    if flat["blur"][index]:
+      view = view.filter(ImageFilter.GaussianBlur(radius=float(flat["sigma"][index])))
+    array = np.asarray(view)
     # Colour ops and the (symmetric) blur commute with the flip: it happens in the copy out.
-    view = np.asarray(color_augment(_view(image, global_box, factor, config.global_size), rng,
-                                    config, config.global_blur_prob))
-    frames[t] = view[:, ::-1] if flip else view
-    for m, (box, local_flip) in enumerate(zip(boxes, flips)):
-      crop = np.asarray(color_augment(_view(image, box, factor, config.local_size), rng, config,
-                                      config.local_blur_prob))
-      crops[t, m] = crop[:, ::-1] if local_flip else crop
+    t, slot = divmod(index, 1 + num_local)
+    target = frames[t] if slot == 0 else crops[t, slot - 1]
+    target[...] = array[:, ::-1] if flips[index] else array
   out = {"frames": frames}
   if num_local:
     out["crops"] = crops
