@@ -78,6 +78,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range.
   c.data.num_workers = 8  # grain worker processes per host (0: in the main process).
   c.data.prefetch_buffer_size = 2  # Batches each worker prepares ahead.
+  c.data.num_threads = 2  # Threads per data process (main or worker) making clips in parallel.
 
   # ---- Mesh and parallelism. ----
   c.mesh = ml_collections.ConfigDict()

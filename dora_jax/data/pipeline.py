@@ -133,7 +133,7 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                          process_count=process_count)
   num_workers = int(data_config.num_workers)
   buffer = int(data_config.prefetch_buffer_size)
-  threads = int(data_config.get("num_threads", 2))
+  threads = int(data_config.get("num_threads", 2))  # Absent in configs older than the key.
   # Batching the MapDataset makes batch k the same clips whatever the number of workers (each
   # worker computes whole batches k = w, w + W, ...); threads overlap batches in a process.
   iter_dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(
