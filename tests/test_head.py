@@ -9,6 +9,7 @@ from scipy import special
 from dora_jax import config_base
 from dora_jax import models
 from dora_jax.models import head as head_lib
+from dora_jax.models import vit
 
 # The sizes of `tiny_model_config`, so all tests share compiled initialisers.
 IN, HIDDEN, BOTTLENECK, OUT = 32, 24, 8, 12
@@ -111,18 +112,37 @@ def tiny_model_config():
   return config
 
 
-def test_build_model_and_dino_model_call():
-  # Built under jit as the trainer may do (and one compile instead of one per initialiser).
-  model = nnx.jit(lambda: models.build_model(tiny_model_config(), img_size=16,
-                                             rngs=nnx.Rngs(0)))()
-  assert model.backbone.size.dim == 32 and len(model.backbone.blocks) == 2
-  assert model.backbone.blocks[1].drop_path_rate == pytest.approx(0.1)
-  images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16, 16, 3)), jnp.float32)
+def test_build_model_reads_the_config():
+  config = tiny_model_config()
+  config.compute_dtype = "bfloat16"
+  # eval_shape: the structure without compiling every initialiser (and as the trainer plans).
+  model = nnx.eval_shape(lambda: models.build_model(config, img_size=16, rngs=nnx.Rngs(0)))
+  assert isinstance(model, models.DinoModel)
+  assert model.backbone.size == vit.ViTSize(dim=32, depth=2, num_heads=4, patch_size=4)
+  assert model.backbone.pos_embed.shape == (1, 17, 32)
+  assert [b.drop_path_rate for b in model.backbone.blocks] == pytest.approx([0.0, 0.1])
+  assert model.backbone.dtype == jnp.bfloat16 and model.head.dtype == jnp.bfloat16
+  assert [layer.kernel.shape for layer in model.head.mlp] == [(32, 24), (24, 24), (24, 8)]
+  assert model.head.last_layer_v.shape == (8, 12)
+  assert not model.head.norm_last_layer and model.head.last_layer_g.shape == (12,)
+
+
+def test_dino_model_call_under_jit():
+  backbone_shapes = nnx.eval_shape(lambda: vit.VisionTransformer(
+      None, img_size=16, dim=IN, depth=2, num_heads=4, patch_size=4, rngs=nnx.Rngs(0)))
+  flat = vit._flatten(nnx.to_pure_dict(nnx.state(backbone_shapes)))
+  rng = np.random.default_rng(0)
+  backbone_sd = {vit._torch_name(path): 0.2 * rng.standard_normal(vit._torch_shape(path, v.shape))
+                 for path, v in flat.items()}
+  model = models.DinoModel(vit.from_torch_state_dict(backbone_sd, None, **dict(
+      dim=IN, depth=2, num_heads=4, patch_size=4)),
+      head_lib.head_from_torch_state_dict(random_head_weights()))
+  images = jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32)
   graphdef, params = nnx.split(model, nnx.Param)
   call = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
   logits, out = call(params, images)
-  assert logits.shape == (3, 12) and out["attn"].shape == (3, 4, 17, 17)
-  np.testing.assert_allclose(logits, model.head(out["cls"]), atol=1e-6)
+  assert logits.shape == (3, OUT) and out["attn"].shape == (3, 4, 17, 17)
+  np.testing.assert_allclose(logits, numpy_head(random_head_weights(), out["cls"]), atol=1e-5)
 
 
 def test_build_model_rejects_unknown_dtype_and_variant():

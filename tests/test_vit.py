@@ -187,7 +187,7 @@ def test_wrong_variant_for_checkpoint_raises():
     ((1, IMG, IMG, 3), jnp.uint8),  # Not normalised.
 ])
 def test_bad_images_raise(shape, dtype):
-  model = vit.VisionTransformer(None, img_size=IMG, rngs=nnx.Rngs(0), **TINY)
+  model = vit.from_torch_state_dict(random_torch_weights(), None, **TINY)
   with pytest.raises(ValueError, match=r"images has (shape|dtype)"):
     forward(model, jnp.zeros(shape, dtype))  # Raised while tracing, before XLA sees it.
 
@@ -210,15 +210,23 @@ def test_drop_path_only_with_rng_and_pure_under_jit():
 
 
 def test_round_trip_to_torch_and_back():
-  model = vit.VisionTransformer(None, img_size=IMG, rngs=nnx.Rngs(3), **TINY)
-  sd = vit.to_torch_state_dict(model)
-  assert set(sd) == set(random_torch_weights())
-  assert sd["patch_embed.proj.weight"].shape == (DIM, 3, PATCH, PATCH)
-  again = vit.from_torch_state_dict(sd, None, **TINY)
+  sd = random_torch_weights()
+  model = vit.from_torch_state_dict(sd, None, **TINY)
+  exported = vit.to_torch_state_dict(model)
+  assert set(exported) == set(sd)
+  for name, value in sd.items():  # Same names, PyTorch layouts and values, bit for bit.
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  again = vit.from_torch_state_dict(exported, None, **TINY)
   x = images((2, IMG, IMG, 3))
   out, out_again = forward(model, x), forward(again, x)
   for key in out:
     np.testing.assert_array_equal(out[key], out_again[key])
+
+
+def test_init_matches_dino():
+  # DINO: trunc_normal_(std=.02) for cls_token, pos_embed and Linear weights.
+  sample = vit._trunc_normal_init()(jax.random.key(0), (64, 64))
+  assert abs(float(jnp.std(sample)) - 0.02) < 0.001
 
 
 def test_variants_and_parameter_layout():
