@@ -3,7 +3,7 @@ import setuptools
 
 INSTALL_REQUIRES = [
     "jax>=0.7",
-    "flax>=0.11",
+    "flax>=0.12",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
     "tensorflow-datasets>=4.9.7",
