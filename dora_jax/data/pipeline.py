@@ -5,8 +5,9 @@
       .repeat()                        endless; each epoch reshuffled (seed folded with the epoch)
       .random_map(ClipViews)           decode + views, from the rng grain derives from the index
       [process_index::process_count]   this host's share: hosts see disjoint clips
-      .batch(global_batch_size // process_count).to_iter_dataset(threads)
+      .to_iter_dataset(threads)        data.num_threads per process overlap clips
       .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax)
+      .batch(global_batch_size // process_count)
 
 Every random choice is a function of (seed, position in the global stream), so the same seed
 gives the same batches whatever data.num_workers is, and the iterator state (a small JSON dict:
@@ -134,15 +135,18 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
   num_workers = int(data_config.num_workers)
   buffer = int(data_config.prefetch_buffer_size)
   threads = int(data_config.get("num_threads", 2))  # Absent in configs older than the key.
-  # Batching the MapDataset makes batch k the same clips whatever the number of workers (each
-  # worker computes whole batches k = w, w + W, ...); threads overlap batches in a process.
-  iter_dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset(
-      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, buffer)))
+  # Clips, not batches, cross from the workers (worker w makes clips w, w + W, ... and they are
+  # interleaved back in order), so batch k holds the same clips whatever data.num_workers is, and
+  # a worker holds a few clips, not whole batches, in memory. Batching happens here.
+  clips_ahead = max(1, buffer) * batch_size  # Clips prepared ahead, over all workers.
+  per_process = -(-clips_ahead // max(1, num_workers))
+  iter_dataset = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, per_process)))
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, buffer)))
-  return iter(iter_dataset)
+        num_workers=num_workers, per_worker_buffer_size=per_process))
+  return iter(iter_dataset.batch(batch_size, drop_remainder=True))
 
 
 def _ensure_absl_flags_parsed() -> None:

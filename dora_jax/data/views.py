@@ -2,14 +2,17 @@
 
 Per clip: one random-resized "pre" crop box (data.global_pre_scale of the frame area, conceptually
 resized to data.global_pre_size), inside it one global box (data.global_scale of the pre-crop) and
-one horizontal flip, the same for all T frames. Per frame: colour jitter (random order of
-brightness, contrast, saturation, hue, as torchvision's ColorJitter on PIL images), grayscale and
-Gaussian blur, each with its probability; and M local crops cut from that frame's pre-crop
+one horizontal flip, the same for all T frames. Per frame: colour jitter (brightness, contrast,
+saturation, hue in random order, as torchvision's ColorJitter), grayscale and Gaussian blur (PIL's,
+as DINO), each with its probability; and M local crops cut from that frame's pre-crop
 (data.local_scale of the pre-crop area), each with its own flip, jitter, grayscale and blur.
 
-The two nested crops are composed into one box in stored-frame pixels, so every view is a single
-antialiased resize from the decoded JPEG; when every box is much larger than its output the JPEG
-is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling through `Image.draft`).
+Cost matters (this runs for every clip of every step), so: the two nested crops are composed into
+one box in stored-frame pixels, and every view is a single antialiased resize from the decoded
+JPEG; when every box is much larger than its output the JPEG is decoded at 1/2, 1/4 or 1/8 scale
+(libjpeg's DCT scaling through `Image.draft`); jitter and grayscale, all affine in RGB, become one
+colour matrix per view (computed for all views of the clip at once) applied in one PIL pass; flips
+happen while copying into the output array.
 
 Outputs are uint8; normalisation happens on the device. Nothing here imports jax.
 """
