@@ -17,8 +17,10 @@ Command line (also makes the shards):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
 from typing import Any, Sequence
 
 import av
@@ -211,10 +213,21 @@ def ensure_demo_data(root: str, *, short_side: int = 180, quality: int = 90,
   the shards are complete for the same generation arguments they are reused (seconds otherwise).
   `generate_kwargs` override `DEMO_DEFAULTS` (num_frames, width, height, fps, num_objects, seed).
   """
-  from dora_jax.data import convert as convert_lib  # pylint: disable=g-import-not-at-top
-
   spec = dict(DEMO_DEFAULTS, **generate_kwargs)
   os.makedirs(root, exist_ok=True)
+  # Several processes of one run (multi-host on one machine) may ask at once: one makes the data.
+  with open(os.path.join(root, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return _ensure_demo_data_locked(root, spec, short_side, quality, frames_per_shard)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ensure_demo_data_locked(root: str, spec: dict[str, Any], short_side: int, quality: int,
+                             frames_per_shard: int) -> str:
+  from dora_jax.data import convert as convert_lib  # pylint: disable=g-import-not-at-top
+
   video = os.path.join(root, "walking_tour.mp4")
   data_dir = os.path.join(root, "shards")
   spec_path = os.path.join(root, "walking_tour.json")
@@ -231,7 +244,6 @@ def ensure_demo_data(root: str, *, short_side: int = 180, quality: int = 90,
     if manifest.get("videos") and all(v.get("complete") for v in manifest["videos"]):
       return data_dir
   if previous != wanted:  # Another spec: start over rather than mix two datasets.
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(data_dir, ignore_errors=True)
     if os.path.exists(spec_path):
       os.remove(spec_path)
