@@ -1,0 +1,245 @@
+"""The jitted DoRA update on a tiny model: it learns, the teacher is an EMA, it is deterministic."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dora_jax import config_base
+from dora_jax import losses
+from dora_jax import schedules
+from dora_jax import train_step
+
+STEPS_PER_EPOCH = 10
+TOTAL_STEPS = 100
+
+
+def tiny_config(**dora):
+  config = config_base.get_base_config()
+  config.model.dim = 32
+  config.model.depth = 2
+  config.model.num_heads = 4
+  config.model.patch_size = 8
+  config.model.out_dim = 64
+  config.model.head_hidden_dim = 32
+  config.model.head_bottleneck_dim = 16
+  config.model.drop_path_rate = 0.1
+  config.data.global_size = 32
+  config.data.local_size = 16
+  config.data.frames_per_clip = 2
+  config.data.num_local_crops = 2
+  config.batch_size = 2
+  config.optim.base_lr = 0.05  # peak lr 4e-4 at batch 2
+  config.optim.warmup_epochs = 0
+  config.optim.freeze_last_layer_epochs = 1
+  # A frozen centre keeps the target fixed on a repeated batch, so the loss measures only how
+  # well the student matches the teacher (a moving centre flattens the targets there).
+  config.loss.center_momentum = 1.0
+  config.loss.warmup_teacher_temp_epochs = 0
+  config.dora.num_objects = 2
+  config.dora.update(dora)
+  return config
+
+
+def tiny_batch(seed=0, batch=2, frames=2, crops=2):
+  rng = np.random.default_rng(seed)
+  return {
+      "frames": jnp.asarray(rng.integers(0, 256, (batch, frames, 32, 32, 3)), jnp.uint8),
+      "crops": jnp.asarray(rng.integers(0, 256, (batch, frames, crops, 16, 16, 3)), jnp.uint8),
+  }
+
+
+def setup(config):
+  graphdef, state = train_step.init_train_state(
+      config, rng=jax.random.PRNGKey(0), steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS)
+  step = jax.jit(train_step.make_train_step(
+      config, graphdef, steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS))
+  return graphdef, state, step
+
+
+@pytest.fixture(scope="module")
+def dora_run():
+  config = tiny_config()
+  graphdef, state, step = setup(config)
+  return config, graphdef, state, step
+
+
+def test_loss_falls_on_a_fixed_batch(dora_run):
+  _, _, state, step = dora_run
+  batch = tiny_batch()
+  values, kls = [], []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    values.append(float(metrics["loss"]))
+    kls.append(float(metrics["kl"]))
+  assert np.all(np.isfinite(values))
+  assert np.mean(values[-5:]) < 0.8 * values[0], values
+  assert np.mean(kls[-5:]) < 0.5 * kls[0], kls
+  assert 0.0 < float(metrics["masked_area"]) < 1.0
+
+
+def test_teacher_moves_only_by_ema(dora_run):
+  config, _, state, step = dora_run
+  before = jax.tree.map(np.asarray, state)  # `step` does not donate here
+  after, metrics = step(state, tiny_batch(1))
+  momentum = float(schedules.make_schedules(
+      config, steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS).teacher_momentum(0))
+  assert momentum == pytest.approx(float(metrics["teacher_momentum"]))
+  expected = jax.tree.map(lambda t, s: momentum * t + (1 - momentum) * np.asarray(s),
+                          before["teacher"], after["student"])
+  jax.tree.map(lambda e, a: np.testing.assert_allclose(np.asarray(a), e, rtol=1e-6, atol=1e-7),
+               expected, after["teacher"])
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: np.any(np.asarray(a) != b),
+                                         after["student"], before["student"]))
+  assert any(changed)
+  assert int(after["step"]) == int(before["step"]) + 1
+
+
+def test_same_key_and_batch_give_bit_identical_results(dora_run):
+  _, _, state, step = dora_run
+  batch = tiny_batch(2)
+  first_state, first_metrics = step(state, batch)
+  second_state, second_metrics = step(state, batch)
+  for a, b in zip(jax.tree.leaves((first_state, first_metrics)),
+                  jax.tree.leaves((second_state, second_metrics))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A different key (the state's rng) changes the random views.
+  other_state = dict(state, rng=jax.random.PRNGKey(123))
+  _, other_metrics = step(other_state, batch)
+  assert float(other_metrics["loss"]) != float(first_metrics["loss"])
+
+
+def test_no_gradient_reaches_the_teacher(dora_run):
+  config, graphdef, state, _ = dora_run
+  batch = tiny_batch(3)
+
+  def loss_of(params, teacher_params):
+    loss, _ = train_step.compute_loss(config, graphdef, params, teacher_params,
+                                      state["constants"], state["center"], batch,
+                                      jnp.float32(0.04), jax.random.PRNGKey(5))
+    return loss
+
+  student_grads, teacher_grads = jax.jit(jax.grad(loss_of, argnums=(0, 1)))(state["student"],
+                                                                            state["teacher"])
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(teacher_grads))
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(student_grads))
+
+
+def test_last_layer_frozen_during_first_epoch(dora_run):
+  _, _, state, step = dora_run
+  new_state, _ = step(state, tiny_batch(4))
+  head = lambda s: s["student"]["head"]
+  np.testing.assert_array_equal(np.asarray(head(new_state)["last_layer_v"][...]),
+                                np.asarray(head(state)["last_layer_v"][...]))
+  assert np.any(np.asarray(head(new_state)["mlp"][0]["kernel"][...])
+                != np.asarray(head(state)["mlp"][0]["kernel"][...]))
+  later = dict(new_state, step=jnp.int32(STEPS_PER_EPOCH))
+  thawed, _ = step(later, tiny_batch(4))
+  assert np.any(np.asarray(head(thawed)["last_layer_v"][...])
+                != np.asarray(head(later)["last_layer_v"][...]))
+
+
+def test_no_weight_decay_on_one_dimensional_parameters():
+  config = tiny_config()
+  config.optim.weight_decay = config.optim.weight_decay_end = 0.5
+  graphdef, state = train_step.init_train_state(
+      config, rng=jax.random.PRNGKey(0), steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS)
+  schedule = schedules.make_schedules(config, steps_per_epoch=STEPS_PER_EPOCH,
+                                      total_steps=TOTAL_STEPS)
+  optimizer = train_step.make_optimizer(config, schedule)
+  zero_grads = jax.tree.map(jnp.zeros_like, state["student"])
+  updates, _ = jax.jit(optimizer.update)(zero_grads, state["opt_state"], state["student"])
+  lr = float(schedule.learning_rate(0))
+  for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(state["student"])):
+    update, param = np.asarray(update), np.asarray(param)
+    if param.ndim > 1 or param.shape == (config.model.out_dim,):  # incl. the head's gain
+      np.testing.assert_allclose(update, -lr * 0.5 * param, rtol=1e-5, atol=1e-12)
+    else:
+      assert np.all(update == 0)
+
+
+def test_dino_baseline_runs_without_masking():
+  _, state, step = setup(tiny_config(enabled=False))
+  _, metrics = step(state, tiny_batch(5))
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics["masked_area"]) == 0.0
+
+
+def test_keep_mode_with_bfloat16_matmuls():
+  config = tiny_config(mask_mode="keep")
+  config.model.compute_dtype = "bfloat16"
+  _, state, step = setup(config)
+  _, metrics = step(state, tiny_batch(6))
+  assert np.isfinite(float(metrics["loss"]))
+  assert 0.0 < float(metrics["masked_area"]) < 1.0
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["student"]))
+
+
+def test_visualize_fn_shapes(dora_run):
+  config, graphdef, state, _ = dora_run
+  out = jax.jit(train_step.make_visualize_fn(config, graphdef))(state, tiny_batch(7),
+                                                                jax.random.PRNGKey(0))
+  assert out["frames"].shape == (2, 32, 32, 3) and out["frames"].dtype == jnp.uint8
+  assert out["heatmaps"].shape == (2, 2, 32, 32)
+  np.testing.assert_allclose(np.asarray(out["heatmaps"]).max(axis=(-1, -2)), 1.0, rtol=1e-6)
+  assert out["masks"].shape == (2, 2, 32, 32)
+  assert out["masked_views"].shape == (2, 1, 32, 32, 3)
+
+
+def test_bad_batches_and_configs_raise_at_trace_time(dora_run):
+  config, _, state, step = dora_run
+  with pytest.raises(ValueError, match="T >= 2"):
+    step(state, tiny_batch(frames=1))
+  with pytest.raises(ValueError, match=r"batch\['frames'\]"):
+    step(state, {"frames": jnp.zeros((2, 2, 32, 32), jnp.uint8)})
+  too_many = tiny_config(num_objects=5)  # the tiny ViT has 4 heads
+  _, state, step = setup(too_many)
+  with pytest.raises(ValueError, match="num_objects"):
+    step(state, tiny_batch())
+
+
+def test_dino_loss_matches_hand_computation():
+  teacher_logits = np.array([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # (B=1, T=2, K=3)
+  center = np.array([0.1, 0.0, -0.1])
+  masked = np.array([[[[0.2, 0.1, 0.0]], [[0.0, 0.3, 0.1]]]])  # (1, 2, V=1, 3)
+  local = np.array([[[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                     [[0.0, 0.0, 1.0], [0.5, 0.0, 0.5]]]])  # (1, 2, M=2, 3)
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  targets = softmax((teacher_logits - center) / 0.04)
+  ce = lambda q, s: -np.sum(q * np.log(softmax(s / 0.1)), -1)
+  expected = np.mean([0.5 * ce(targets[0, t], masked[0, t, 0])
+                      + 0.5 * np.mean([ce(targets[0, t], local[0, t, m]) for m in range(2)])
+                      for t in range(2)])
+  probs = losses.teacher_targets(jnp.asarray(teacher_logits), jnp.asarray(center), 0.04)
+  got = losses.dino_loss(probs, jnp.asarray(masked), jnp.asarray(local), student_temp=0.1)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+  only_masked = losses.dino_loss(probs, jnp.asarray(masked), None, student_temp=0.1)
+  np.testing.assert_allclose(float(only_masked), np.mean([ce(targets[0, t], masked[0, t, 0])
+                                                          for t in range(2)]), rtol=1e-5)
+  new_center = losses.update_center(jnp.asarray(center), jnp.asarray(teacher_logits), 0.9)
+  np.testing.assert_allclose(np.asarray(new_center),
+                             0.9 * center + 0.1 * teacher_logits.reshape(-1, 3).mean(0), rtol=1e-6)
+
+
+def test_schedules_follow_the_recipe():
+  config = config_base.get_base_config()
+  config.batch_size = 512
+  schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=1000)
+  peak = 5e-4 * 512 / 256
+  assert float(schedule.learning_rate(0)) == 0.0
+  np.testing.assert_allclose(float(schedule.learning_rate(100)), peak, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule.learning_rate(1000)), 1e-5, rtol=1e-5)
+  np.testing.assert_allclose(float(schedule.weight_decay(0)), 0.04, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule.weight_decay(1000)), 0.4, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule.teacher_momentum(0)), 0.996, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule.teacher_momentum(1000)), 1.0, rtol=1e-6)
+  assert float(schedule.teacher_temp(0)) == pytest.approx(0.04)
+  config.loss.warmup_teacher_temp = 0.02
+  config.loss.teacher_temp = 0.07
+  schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=1000)
+  assert float(schedule.teacher_temp(5)) == pytest.approx(0.02)  # epoch 0
+  assert float(schedule.teacher_temp(290)) == pytest.approx(0.07)  # epoch 29 = warm-up end
+  assert float(schedule.teacher_temp(999)) == pytest.approx(0.07)
