@@ -83,6 +83,8 @@ def validate(data_config: Any, *, num_frames_needed: int | None = None) -> dict[
       raise ValueError(f"data.{key}={data_config[key]} must be a probability in [0, 1]")
   if data_config.num_workers < 0:
     raise ValueError(f"data.num_workers must be >= 0, got {data_config.num_workers}")
+  if data_config.get("num_threads", 1) < 1:
+    raise ValueError(f"data.num_threads must be >= 1, got {data_config.num_threads}")
   return manifest
 
 
