@@ -56,6 +56,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---- Data. ----
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # Folder of shards + manifest.json written by `dora-convert`.
+  c.data.synthetic = False  # Train on the synthetic walking tour made in WORKDIR/demo_data (ignores dir).
   c.data.video_ids = ()  # Videos to train on (manifest ids); empty uses all of them.
   c.data.frames_per_clip = 8  # T: frames per clip (frame 0 is the anchor).
   c.data.frame_stride = 60  # Distance between a clip's frames, in stored frames.
