@@ -1,0 +1,305 @@
+"""dora-train end to end on a tiny model: resume after SIGTERM, learning, overrides, bad input.
+
+Four fake CPU devices (conftest.py); every run is a few steps of a 2-block ViT on 32-px frames of
+a small synthetic walking tour.
+"""
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from dora_jax import checkpoints
+from dora_jax import metrics
+from dora_jax import sharding
+from dora_jax import train
+from dora_jax.data import pipeline
+from dora_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
+
+# The demo config, shrunk: 4 clips of 2 frames (one per device), 32-px frames, 8-px patches.
+TINY = {
+    "data.synthetic": False,
+    "data.frames_per_clip": 2,
+    "data.frame_stride": 3,
+    "data.global_pre_size": 48,
+    "data.global_size": 32,
+    "data.num_local_crops": 1,
+    "data.local_size": 16,
+    "data.num_workers": 0,
+    "model.dim": 32,
+    "model.depth": 2,
+    "model.num_heads": 2,
+    "model.patch_size": 8,
+    "model.out_dim": 128,
+    "model.head_hidden_dim": 64,
+    "model.head_bottleneck_dim": 32,
+    "dora.num_objects": 2,
+    "batch_size": 4,
+    "total_steps": 16,
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 4,
+    "picture_every_steps": 16,
+    "optim.warmup_epochs": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A 40-frame synthetic tour stored at 96x64 (shared by the tests of this file)."""
+  root = tmp_path_factory.mktemp("tour")
+  return synthetic.ensure_demo_data(str(root), num_frames=40, width=96, height=64, short_side=64)
+
+
+def _load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _set(config, dotted, value):
+  *parents, leaf = dotted.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+def _tiny(data_dir, overrides):
+  """TINY + data.dir + overrides (keyword names may spell '.' as '__')."""
+  return {**TINY, "data.dir": data_dir,
+          **{key.replace("__", "."): value for key, value in overrides.items()}}
+
+
+def _config(data_dir, path=DEMO_CONFIG, arg=None, **overrides):
+  config = _load_config(path, arg)
+  for key, value in _tiny(data_dir, overrides).items():
+    _set(config, key, value)
+  return config
+
+
+def _flags(data_dir, **overrides):
+  """The command-line overrides that turn configs/demo.py into the same tiny config."""
+  return [f"--config.{key}={value}" for key, value in _tiny(data_dir, overrides).items()]
+
+
+def _dora_train(args, env):
+  return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_to_end(args, env, timeout=300):
+  process = _dora_train(args, env)
+  _, stderr = process.communicate(timeout=timeout)
+  assert process.returncode == 0, stderr[-3000:]
+  return stderr
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """The environment of dora-train processes: this checkout first on the path, and a compilation
+  cache shared by the runs of this file (same program -> compiled once)."""
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+# The runs below also carry a numeric and a string override, to show that both reach the step.
+BASE_LR = 0.0123
+RUN = dict(optim__base_lr=BASE_LR, dora__mask_mode="keep")
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, env, tmp_path_factory):
+  """TINY for total_steps steps, uninterrupted, through the dora-train command line."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  _run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir] + _flags(data_dir, **RUN), env)
+  return workdir
+
+
+def _final_state(workdir, config):
+  manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=10)
+  step = manager.latest_step()
+  num_clips = pipeline.num_clips(train.data_config_for(config, workdir))
+  steps_per_epoch, total_steps = train.schedule_length(config, num_clips)
+  _, abstract = train.abstract_train_state(
+      config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
+  state, data_state = manager.restore(step, abstract)
+  manager.close()
+  return step, jax.device_get(state), data_state
+
+
+def _without_timing(rows):
+  return [{k: v for k, v in row.items() if k not in train.TIMING_METRICS} for row in rows]
+
+
+def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tmp_path):
+  total = TINY["total_steps"]
+  workdir = str(tmp_path / "resumed")
+  args = ["--config", DEMO_CONFIG, "--workdir", workdir] + _flags(data_dir, **RUN)
+  process = _dora_train(args, env)
+  deadline = time.time() + 300
+  while process.poll() is None and time.time() < deadline:
+    rows = metrics.read_metrics(workdir)
+    if rows and rows[-1]["step"] >= total // 2:
+      process.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.005)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "SIGTERM: saved step" in stderr
+  interrupted_at = max(int(name) for name in os.listdir(
+      os.path.join(workdir, checkpoints.CHECKPOINT_DIR)))
+  assert total // 2 <= interrupted_at < total, "SIGTERM came too late to interrupt the run"
+
+  _run_to_end(args, env)  # The same command again: resumes.
+
+  config = _config(data_dir, **RUN)
+  step_a, state_a, data_a = _final_state(straight_run, config)
+  step_b, state_b, data_b = _final_state(workdir, config)
+  assert step_a == step_b == total and data_a == data_b
+  leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)  # Bitwise.
+  rows_a, rows_b = metrics.read_metrics(straight_run), metrics.read_metrics(workdir)
+  assert [row["step"] for row in rows_a] == list(range(1, total + 1))
+  assert _without_timing(rows_a) == _without_timing(rows_b)
+
+
+def test_run_logs_and_draws(straight_run):
+  rows = metrics.read_metrics(straight_run)
+  names = {"loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "teacher_entropy",
+           "kl", "masked_area", "step_time", "frames_per_second"}
+  assert names <= set(rows[-1])
+  assert all(np.isfinite(row["loss"]) for row in rows)
+  assert min(row["teacher_entropy"] for row in rows) > 0.1  # Not collapsed to one prototype.
+  assert all(0 < row["masked_area"] < 1 for row in rows)
+  assert all(row["frames_per_second"] > 0 for row in rows[1:])
+  pictures = os.listdir(os.path.join(straight_run, train.PICTURES_DIR))
+  assert pictures == [f"step_{TINY['total_steps']:07d}.png"]
+  assert os.listdir(os.path.join(straight_run, metrics.TENSORBOARD_DIR))
+
+
+@pytest.mark.skipif(not os.environ.get("DORA_SLOW_TESTS"),
+                    reason="the real demo takes ~5 minutes; set DORA_SLOW_TESTS=1")
+def test_demo_learns(env, tmp_path):
+  """configs/demo.py as the README runs it: the loss falls, the teacher does not collapse."""
+  workdir = str(tmp_path / "demo")
+  _run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir], env, timeout=1200)
+  rows = metrics.read_metrics(workdir)
+  losses = np.array([row["loss"] for row in rows])
+  assert losses[-5:].mean() < losses[:3].mean() - 0.5
+  assert min(row["teacher_entropy"] for row in rows) > 0.1
+  assert len(os.listdir(os.path.join(workdir, train.PICTURES_DIR))) >= 1
+
+
+def test_overrides_reach_the_step(data_dir, straight_run):
+  """optim.base_lr (numeric) and dora.mask_mode (string) came from the command line."""
+  rows = metrics.read_metrics(straight_run)
+  config = _config(data_dir, **RUN)
+  steps_per_epoch, total_steps = train.schedule_length(
+      config, pipeline.num_clips(train.data_config_for(config, straight_run)))
+  # The recipe's schedule, in float64: linear warm-up to base_lr * batch / 256, cosine to min_lr.
+  peak, warmup = BASE_LR * TINY["batch_size"] / 256, round(TINY["optim.warmup_epochs"] * steps_per_epoch)
+  index = np.arange(total_steps, dtype=np.float64)  # The update that logged step i + 1.
+  cosine = config.optim.min_lr + 0.5 * (peak - config.optim.min_lr) * (
+      1 + np.cos(np.pi * np.clip((index - warmup) / max(total_steps - warmup, 1), 0, 1)))
+  expected = np.where(index < warmup, peak * index / max(warmup, 1), cosine)
+  np.testing.assert_allclose([row["lr"] for row in rows], expected, rtol=2e-6, atol=1e-12)
+  # mask_mode "keep": one masked view per object, so the picture has 1 + k + k rows of tiles.
+  picture = np.asarray(Image.open(os.path.join(
+      straight_run, train.PICTURES_DIR, f"step_{TINY['total_steps']:07d}.png")))
+  k, tile = TINY["dora.num_objects"], 128 + 2  # 32-px frames drawn 4x, 2-px gaps.
+  assert picture.shape[0] == 16 + 14 + (1 + k + k) * tile
+
+
+def test_checkpoint_of_another_model_stops_the_run(data_dir, straight_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight_run, workdir)
+  before = _tree(workdir)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="different model"):
+    train.train_and_evaluate(_config(data_dir, **RUN, **{"model.dim": 48}), workdir)
+  assert _tree(workdir) == before
+
+
+def test_dino_baseline_runs_the_same_loop_without_tracking(data_dir, tmp_path):
+  config = _config(data_dir, path=os.path.join(ROOT, "configs", "dino_vits16_wtours.py"),
+                   total_steps=2, picture_every_steps=0)
+  assert not config.dora.enabled
+  last = train.train_and_evaluate(config, str(tmp_path / "dino"))
+  assert last["masked_area"] == 0.0 and np.isfinite(last["loss"])
+  assert os.listdir(tmp_path / "dino" / checkpoints.CHECKPOINT_DIR) == ["2"]
+
+
+def _tree(path):
+  if not os.path.exists(path):
+    return None
+  return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)))
+                for d, _, files in os.walk(path) for f in files)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 6}, "batch_size=6 does not divide over the 4 devices"),
+    ({"data.frames_per_clip": 1}, "frames_per_clip=1: must be at least 2"),
+    ({"dora.num_objects": 3}, "num_objects=3: must be between 1 and the 2 attention heads"),
+    ({"data.global_pre_size": 96}, "global_pre_size=96 is larger than the stored frames"),
+    ({"data.dir": "/nonexistent/shards"}, "/nonexistent/shards"),
+])
+def test_bad_input_is_one_line_before_anything(data_dir, tmp_path, overrides, message):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  before = _tree(str(workdir))
+  with pytest.raises(train.ConfigError, match=message) as error:
+    train.train_and_evaluate(_config(data_dir, **overrides), str(workdir))
+  assert "\n" not in str(error.value)
+  assert _tree(str(workdir)) == before
+
+
+def test_data_folder_without_manifest(tmp_path):
+  (tmp_path / "empty").mkdir()
+  config = _config(str(tmp_path / "empty"))
+  with pytest.raises(train.ConfigError, match="manifest"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_unwritable_workdir(data_dir, tmp_path):
+  (tmp_path / "file").write_text("")  # Not a folder: nothing can be created below it, even by root.
+  with pytest.raises(train.ConfigError, match="is not writable"):
+    train.train_and_evaluate(_config(data_dir), str(tmp_path / "file" / "run"))
+  assert _tree(str(tmp_path)) == [("file", 0)]
+
+
+def test_cli_errors_are_one_line_and_exit_non_zero(data_dir, env, tmp_path):
+  workdir = str(tmp_path / "run")
+  process = _dora_train(["--config", DEMO_CONFIG, "--workdir", workdir]
+                        + _flags(data_dir, **{"data.frames_per_clip": 1}), env)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 2
+  errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+  assert errors == ["dora-train: error: config data.frames_per_clip=1: must be at least 2 (frame "
+                    "0 is the anchor where objects are discovered, the others are where they are "
+                    "tracked)."]
+  assert not os.path.exists(workdir)
+
+  process = _dora_train(["--config", DEMO_CONFIG, "--workdir", workdir, "--config.optim.base_lrr=1"],
+                        env)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 2
+  assert stderr.strip().splitlines()[-1].startswith(
+      "dora-train: error: unknown config key 'base_lrr' in --config.optim.base_lrr")
