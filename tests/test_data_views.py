@@ -4,7 +4,6 @@ import io
 
 import numpy as np
 from PIL import Image, ImageEnhance
-import pytest
 
 from dora_jax.data import views
 

@@ -222,7 +222,7 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
     if not total and stream.duration and fps:
       total = int(round(float(stream.duration * stream.time_base) * fps))
     set_total(total or None)
-    writer, shard_name, first_index, records = None, None, None, []
+    writer, shard_name, first_index = None, None, None
     counts = ("frames_decoded", "frames_kept", "frames_dropped_blank", "frames_skipped")
 
     def finish_shard(last_index: int) -> None:

@@ -15,7 +15,6 @@ positions per worker) restores exactly.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
