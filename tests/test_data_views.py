@@ -3,7 +3,7 @@ import dataclasses
 import io
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from dora_jax.data import views
 
@@ -156,3 +156,28 @@ def test_draft_decoding_of_large_frames_keeps_the_view_close():
   if out["flip"]:
     expected = expected[:, ::-1]
   assert np.abs(out["frames"][0].astype(int) - expected).mean() < 4  # ...to nearly the same view.
+
+
+def test_blurred_grayscale_views_equal_the_rgb_op_by_op_path():
+  # Grayscale views take a one-channel path (luma, blur, broadcast); it must give exactly what
+  # the plain path gives: the RGB resize, PIL's RGB luma matrix, PIL's RGB Gaussian blur, flip.
+  config = dataclasses.replace(SMALL, color_jitter_prob=0.0, grayscale_prob=1.0,
+                               global_blur_prob=1.0, local_blur_prob=1.0, blur_sigma=(1.5, 1.5))
+  jpegs = _frames()
+  out = views.clip_views(jpegs, (H, W), np.random.default_rng(4), config, return_boxes=True)
+  gray = tuple(views._TO_GRAY.reshape(-1)[[0, 1, 2]].tolist() + [0.0]) * 3
+
+  def expected(image, box, size, flip):
+    left, top, w, h = box
+    view = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    view = view.convert("RGB", gray).filter(ImageFilter.GaussianBlur(radius=1.5))
+    return np.asarray(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view)
+
+  for t, jpeg in enumerate(jpegs):
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    np.testing.assert_array_equal(out["frames"][t],
+                                  expected(image, out["global_box"], 32, out["flip"]))
+    for m in range(3):
+      np.testing.assert_array_equal(
+          out["crops"][t, m],
+          expected(image, out["local_boxes"][t, m], 16, out["local_flips"][t, m]))
