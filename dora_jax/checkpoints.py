@@ -234,8 +234,11 @@ def load_backbone(path: str):
   from dora_jax import train  # Late import: train imports this module.
   from dora_jax import train_step
   config = read_config(workdir)
-  manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False))
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+  manager = ocp.CheckpointManager(
+      checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      handler_registry=registry)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint"

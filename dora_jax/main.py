@@ -77,7 +77,12 @@ def _main(argv) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    # Cluster environments (TPU metadata, SLURM, Open MPI, k8s) are detected by jax; elsewhere
+    # (e.g. several processes on one machine) say it with these variables.
+    counts = {name: int(os.environ[variable]) for name, variable in (
+        ("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+              if variable in os.environ}
+    jax.distributed.initialize(**counts)
   # Imported after jax.distributed: nothing may touch the devices before it.
   from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from dora_jax import train  # pylint: disable=g-import-not-at-top

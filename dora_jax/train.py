@@ -17,6 +17,8 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -132,7 +134,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
       if not os.path.exists(path):
         created.append(path)
     logging.info("Preparing the synthetic walking tour in %s", data_config.dir)
-    synthetic.ensure_demo_data(os.path.join(workdir, DEMO_DATA_DIR))
+    # Process 0 first: on a shared work folder the others then find it complete.
+    if jax.process_index() == 0:
+      synthetic.ensure_demo_data(os.path.join(workdir, DEMO_DATA_DIR))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("dora_jax demo data")
+      synthetic.ensure_demo_data(os.path.join(workdir, DEMO_DATA_DIR))
   try:
     pipeline.validate(data_config)
   except (ValueError, OSError) as e:
@@ -198,11 +205,28 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, float] | None:
+def with_finite_check(step_fn):
+  """Adds metric `finite`: the loss and every updated student parameter are finite.
+
+  Checked inside the jitted step (one pass over the parameters), so that a state that has just
+  gone NaN is never saved, even when the loss computed from it is not known yet.
+  """
+
+  def step(state, batch):
+    new_state, metrics = step_fn(state, batch)
+    leaves = jax.tree.leaves(new_state["student"])
+    finite = jnp.isfinite(metrics["loss"])
+    for leaf in leaves:
+      finite &= jnp.all(jnp.isfinite(leaf))
+    return new_state, dict(metrics, finite=finite)
+
+  return step
+
+
+def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, dict] | None:
   for step, metrics in history:
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-      return step, loss
+    if not metrics["finite"]:
+      return step, metrics
   return None
 
 
@@ -249,8 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # 3. The jitted step: one compile per run (the batch shapes never change).
   update = jax.jit(
-      train_step.make_train_step(
-          config, graphdef, steps_per_epoch=steps_per_epoch, total_steps=total_steps),
+      with_finite_check(train_step.make_train_step(
+          config, graphdef, steps_per_epoch=steps_per_epoch, total_steps=total_steps)),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=0)
@@ -275,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         out_shardings=state_sharding)
     state = init(jax.random.PRNGKey(config.seed))
   start_step = int(jax.device_get(state["step"]))
+  if start_step >= total_steps:
+    logging.info("The run in %s is complete (%d of %d steps).", workdir, start_step, total_steps)
   data_iter = pipeline.make_train_iterator(
       data_config, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -311,12 +337,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         history = []
         bad = _first_non_finite(fetched)
         if bad is not None:
+          bad_step, bad_metrics = bad
+          what = (f"the loss is {float(bad_metrics['loss'])}" if not np.isfinite(
+              bad_metrics["loss"]) else "the parameters are not finite")
+          checkpointer.wait_until_finished()
           raise NonFiniteLossError(
-              f"the loss is {bad[1]} at step {bad[0]}: stopping. The last good checkpoint is "
-              f"step {checkpointer.latest_step()} in {checkpointer.directory}; lower "
-              "optim.base_lr or raise loss.teacher_temp and restart.")
+              f"{what} at step {bad_step}: stopping. The last good checkpoint is step "
+              f"{checkpointer.latest_step()} in {checkpointer.directory}; change the config "
+              "(e.g. a lower --config.optim.base_lr) and run again.")
         if log_now:
-          last_metrics = {name: float(value) for name, value in fetched[-1][1].items()}
+          last_metrics = {name: float(value) for name, value in fetched[-1][1].items()
+                          if name != "finite"}
           elapsed = time.perf_counter() - timer_start
           if timer_steps:
             last_metrics["step_time"] = elapsed / timer_steps
