@@ -9,7 +9,8 @@ Convert the video(s) once, then train:
 Arguments (after the colon, comma-separated):
   variant=B/16         another ViT (Ti/16, S/16, B/16, Ti/8, S/8, B/8); the default is S/16.
   data=DIR             the folder `dora-convert` wrote (shards + manifest.json).
-  videos=venice+zurich the manifest ids to train on, '+'-separated; empty: every video in DIR.
+  videos=venice+zurich the manifest ids to train on, '+'-separated; empty: every video in DIR;
+                       a number (videos=3): the first that many videos of the manifest.
   runlocal             a few tiny steps on the synthetic walking tour (a smoke test, no data):
                          dora-train --config configs/dora_vits16_wtours.py:runlocal --workdir /tmp/x
 
@@ -69,7 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dora.mask_mode = "remove"
 
   c.data.dir = args.data
-  c.data.video_ids = tuple(v for v in args.videos.split("+") if v)
+  if args.videos.isdigit():
+    c.data.num_videos = int(args.videos)
+  else:
+    c.data.video_ids = tuple(v for v in args.videos.split("+") if v)
   c.data.frames_per_clip = 8
   c.data.frame_stride = 60
   c.data.global_pre_size = 300

@@ -58,6 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.dir = ""  # Folder of shards + manifest.json written by `dora-convert`.
   c.data.synthetic = False  # Train on the synthetic walking tour made in WORKDIR/demo_data (ignores dir).
   c.data.video_ids = ()  # Videos to train on (manifest ids); empty uses all of them.
+  c.data.num_videos = 0  # Keep only the first n of those videos (manifest order); 0: all.
   c.data.frames_per_clip = 8  # T: frames per clip (frame 0 is the anchor).
   c.data.frame_stride = 60  # Distance between a clip's frames, in stored frames.
   c.data.global_pre_size = 300  # Side of the first, clip-level random-resized crop.
@@ -85,6 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all devices).
   c.mesh.fsdp = 1  # Devices that shard parameters and optimizer state (FSDP axis).
+  c.mesh.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated under FSDP.
 
   # ---- Checkpoints, logging, pictures. ----
   c.checkpoint_every_steps = 1000  # Save every n steps (and at the end, and on SIGTERM).

@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 
 MESH_AXES = ("data", "fsdp")
-# Arrays smaller than this (elements) stay replicated under FSDP: splitting biases and norms
-# would cost a collective each for no memory saving.
+# The default of config.mesh.fsdp_min_size: splitting biases and norms would cost a collective
+# each for no memory saving.
 FSDP_MIN_SIZE = 2**14
 
 
@@ -77,12 +77,16 @@ def fsdp_spec(shape: Sequence[int], fsdp: int,
   return jax.sharding.PartitionSpec()
 
 
-def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
-  """NamedShardings for every leaf of `abstract_state` (a pytree of jax.ShapeDtypeStruct)."""
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
+                    min_size: int = FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for every leaf of `abstract_state` (a pytree of jax.ShapeDtypeStruct).
+
+  Parameters and their optimizer moments have the same shapes, hence the same sharding.
+  """
   fsdp = mesh.shape["fsdp"]
 
   def leaf_sharding(leaf):
-    return jax.sharding.NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp))
+    return jax.sharding.NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp, min_size))
 
   return jax.tree.map(leaf_sharding, abstract_state)
 

@@ -28,6 +28,7 @@ from dora_jax import sharding as sharding_lib
 from dora_jax import train_step
 from dora_jax import visualize
 from dora_jax.data import pipeline
+from dora_jax.data import source
 from dora_jax.models import vit
 
 DEMO_DATA_DIR = "demo_data"  # Under the work folder, when config.data.synthetic is set.
@@ -141,7 +142,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
       multihost_utils.sync_global_devices("dora_jax demo data")
       synthetic.ensure_demo_data(os.path.join(workdir, DEMO_DATA_DIR))
   try:
-    pipeline.validate(data_config)
+    manifest = pipeline.validate(data_config)
+    if config.data.num_videos:
+      videos = source.select_videos(manifest, tuple(data_config.video_ids), data_config.dir)
+      if not 0 < config.data.num_videos <= len(videos):
+        raise ValueError(f"config data.num_videos={config.data.num_videos}: {data_config.dir} "
+                         f"has {len(videos)} (selected) videos.")
+      data_config.video_ids = tuple(v["id"] for v in videos[:config.data.num_videos])
+      pipeline.validate(data_config)
   except (ValueError, OSError) as e:
     for path in created[:1]:
       shutil.rmtree(path, ignore_errors=True)
@@ -265,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding_lib.make_mesh(config.mesh)
   graphdef, abstract_state = abstract_train_state(
       config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  state_sharding = sharding_lib.state_shardings(abstract_state, mesh)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   logging.info("Mesh %s; %d steps (%d per epoch), global batch %d clips.", dict(mesh.shape),

@@ -79,6 +79,8 @@ def test_paper_config_arguments():
   assert (c.model.variant, c.data.dir, tuple(c.data.video_ids)) == ("B/16", "/d",
                                                                     ("venice", "zurich"))
   assert tuple(module.get_config().data.video_ids) == ()
+  three = module.get_config("videos=3")
+  assert three.data.num_videos == 3 and tuple(three.data.video_ids) == ()
   small = module.get_config("runlocal")
   assert small.data.synthetic and small.total_steps > 0 and small.batch_size < 16
   with pytest.raises(ValueError, match="unknown config argument 'varaint'"):

@@ -94,9 +94,14 @@ def _flags(data_dir, **overrides):
   return [f"--config.{key}={value}" for key, value in _tiny(data_dir, overrides).items()]
 
 
-def _dora_train(args, env):
-  return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _dora_train(args, env, log=None):
+  """Starts dora-train; its output goes to pipes, or to the file `log` (for runs read later)."""
+  if log is None:
+    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+                            stdout=f, stderr=subprocess.STDOUT)
 
 
 def _run_to_end(args, env, timeout=300):
@@ -124,11 +129,64 @@ BASE_LR = 0.0123
 RUN = dict(optim__base_lr=BASE_LR, dora__mask_mode="keep")
 
 
+FSDP = {"mesh.fsdp": 2, "mesh.fsdp_min_size": 1024}
+
+
+def _tiny_dino_config(folder):
+  """configs/dino_vits16_wtours.py with the tiny model (a wrapper: the model-size keys are not in
+  the base config, so the command line cannot add them)."""
+  wrapper = folder / "tiny_dino.py"
+  wrapper.write_text(
+      "import importlib.util\n"
+      "def get_config(arg=None):\n"
+      f"  spec = importlib.util.spec_from_file_location('dino', {os.path.join(ROOT, 'configs', 'dino_vits16_wtours.py')!r})\n"
+      "  module = importlib.util.module_from_spec(spec)\n"
+      "  spec.loader.exec_module(module)\n"
+      "  c = module.get_config(arg)\n"
+      + "".join(f"  c.model.{key} = {TINY['model.' + key]}\n"
+                for key in ("dim", "depth", "num_heads", "patch_size"))
+      + "  return c\n")
+  return str(wrapper)
+
+
 @pytest.fixture(scope="module")
-def straight_run(data_dir, env, tmp_path_factory):
-  """TINY for total_steps steps, uninterrupted, through the dora-train command line."""
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  _run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir] + _flags(data_dir, **RUN), env)
+def launched(data_dir, env, tmp_path_factory):
+  """Starts the two runs that compile different programs side by side (XLA compiles on one core).
+
+  straight: TINY for total_steps steps, uninterrupted.
+  dino: configs/dino_vits16_wtours.py, tiny, FSDP over 2 devices, and optim.min_lr=nan. The
+    learning rate is finite during the 9 warm-up steps (one epoch) and NaN in the cosine part, so
+    update 10 makes the parameters NaN: one run shows the baseline's loop, sharded parameters and
+    optimizer state, and the NaN stop.
+  """
+  folder = tmp_path_factory.mktemp("runs")
+  runs = {
+      "straight": ["--config", DEMO_CONFIG] + _flags(data_dir, **RUN),
+      "dino": ["--config", _tiny_dino_config(folder)] + _flags(
+          data_dir, picture_every_steps=0, optim__min_lr="nan", **FSDP),
+  }
+  started = {}
+  for name, args in runs.items():
+    workdir, log = str(folder / name), str(folder / f"{name}.log")
+    started[name] = (_dora_train(["--workdir", workdir] + args, env, log=log), workdir, log)
+  yield started
+  for process, _, _ in started.values():
+    if process.poll() is None:
+      process.kill()
+
+
+def _wait(run):
+  """(workdir, return code, the run's stdout + stderr) once it has ended."""
+  process, workdir, log = run
+  process.wait(timeout=600)
+  with open(log) as f:
+    return workdir, process.returncode, f.read()
+
+
+@pytest.fixture(scope="module")
+def straight_run(launched):
+  workdir, returncode, output = _wait(launched["straight"])
+  assert returncode == 0, output[-3000:]
   return workdir
 
 
@@ -241,33 +299,11 @@ def test_checkpoint_of_another_model_stops_the_run(data_dir, straight_run, tmp_p
 
 
 @pytest.fixture(scope="module")
-def dino_run(data_dir, env, tmp_path_factory):
-  """configs/dino_vits16_wtours.py with the tiny model, and optim.min_lr=nan.
-
-  The learning rate is finite during the 9 warm-up steps (one epoch) and NaN in the cosine part,
-  so update 10 makes the parameters NaN: one run shows the baseline's loop and the NaN stop.
-  """
-  tmp_path = tmp_path_factory.mktemp("dino")
-  # The model-size keys are not in the base config: a wrapper config adds them.
-  wrapper = tmp_path / "tiny_dino.py"
-  wrapper.write_text(
-      "import importlib.util\n"
-      "def get_config(arg=None):\n"
-      f"  spec = importlib.util.spec_from_file_location('dino', {os.path.join(ROOT, 'configs', 'dino_vits16_wtours.py')!r})\n"
-      "  module = importlib.util.module_from_spec(spec)\n"
-      "  spec.loader.exec_module(module)\n"
-      "  c = module.get_config(arg)\n"
-      + "".join(f"  c.model.{key} = {TINY['model.' + key]}\n"
-                for key in ("dim", "depth", "num_heads", "patch_size"))
-      + "  return c\n")
-  workdir = str(tmp_path / "run")
-  process = _dora_train(["--config", str(wrapper), "--workdir", workdir] + _flags(
-      data_dir, picture_every_steps=0, optim__min_lr="nan"), env)
-  _, stderr = process.communicate(timeout=300)
-  return workdir, process.returncode, stderr
+def dino_run(launched):
+  return _wait(launched["dino"])
 
 
-def test_dino_baseline_runs_the_same_loop_without_tracking(dino_run):
+def test_dino_baseline_runs_the_same_loop_without_tracking(data_dir, dino_run):
   workdir, _, _ = dino_run
   config = json.load(open(os.path.join(workdir, checkpoints.CONFIG_FILE)))
   assert config["dora"]["enabled"] is False and config["model"]["dim"] == TINY["model.dim"]
@@ -276,6 +312,14 @@ def test_dino_baseline_runs_the_same_loop_without_tracking(dino_run):
   assert all(row["masked_area"] == 0.0 for row in rows)  # The student sees whole frames.
   assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in rows)
   assert "8" in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
+  # The run's mesh was 2 x 2 and its larger arrays were split over 'fsdp'.
+  config = _config(data_dir, **FSDP)
+  _, abstract = train.abstract_train_state(config, steps_per_epoch=9, total_steps=16)
+  mesh = sharding.make_mesh(config.mesh)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
+  specs = [s.spec for s in jax.tree.leaves(
+      sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size))]
+  assert sum("fsdp" in spec for spec in specs) >= 10
 
 
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(dino_run):
@@ -301,6 +345,8 @@ def _tree(path):
     ({"dora.num_objects": 3}, "num_objects=3: must be between 1 and the 2 attention heads"),
     ({"data.global_pre_size": 96}, "global_pre_size=96 is larger than the stored frames"),
     ({"data.dir": "/nonexistent/shards"}, "/nonexistent/shards"),
+    ({"data.num_videos": 2}, r"num_videos=2: .* has 1 \(selected\) videos"),
+    ({"mesh.fsdp": 3}, "mesh.fsdp=3 does not divide the 4 devices"),
 ])
 def test_bad_input_is_one_line_before_anything(data_dir, tmp_path, overrides, message):
   workdir = tmp_path / "run"
