@@ -58,6 +58,7 @@ class MetricWriter:
     self._jsonl = None
     self._tensorboard = None
     self._bar = None
+    self._postfix = {}
     if not enabled:
       return
     path = os.path.join(workdir, METRICS_FILE)
@@ -67,9 +68,8 @@ class MetricWriter:
     self._tensorboard = tensorboardX.SummaryWriter(
         os.path.join(workdir, TENSORBOARD_DIR),
         purge_step=start_step + 1 if start_step else None, flush_secs=30)
-    if show_progress:
-      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True, smoothing=0.1)
+    self._show_progress = show_progress
+    self._total_steps = total_steps
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Logs one step's scalars (python or numpy floats) everywhere."""
@@ -80,9 +80,10 @@ class MetricWriter:
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, value, global_step=step)
+    shown = {name: scalars[name] for name in ("loss", "teacher_entropy", "lr") if name in scalars}
+    self._postfix = {name: _short(value) for name, value in shown.items()}
     if self._bar is not None:
-      shown = {name: scalars[name] for name in ("loss", "teacher_entropy", "lr") if name in scalars}
-      self._bar.set_postfix({name: _short(value) for name, value in shown.items()}, refresh=False)
+      self._bar.set_postfix(self._postfix, refresh=False)
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
     """An (H, W, 3) uint8 picture into TensorBoard."""
@@ -90,9 +91,19 @@ class MetricWriter:
       self._tensorboard.add_image(name, image, global_step=step, dataformats="HWC")
 
   def advance(self, step: int) -> None:
-    """Moves the progress bar to `step` completed steps (its ETA comes from the step rate)."""
-    if self._bar is not None:
-      self._bar.update(step - self._bar.n)
+    """Moves the progress bar to `step` completed steps.
+
+    The bar starts at the first call, after the first (compiling) step, so that its rate and ETA
+    are those of the steps themselves.
+    """
+    if not self._enabled or not self._show_progress:
+      return
+    if self._bar is None:
+      self._bar = tqdm.tqdm(total=self._total_steps, initial=step, unit="step",
+                            dynamic_ncols=True, smoothing=0.1)
+      if self._postfix:
+        self._bar.set_postfix(self._postfix, refresh=False)
+    self._bar.update(step - self._bar.n)
 
   def message(self, text: str) -> None:
     """A console line that does not break the progress bar."""

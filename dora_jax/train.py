@@ -325,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history = []  # (step, metrics on the device) since the last fetch; fetched in one go.
   last_metrics = {}
   timer_start, timer_steps = None, 0
+  if start_step < total_steps:
+    logging.info("Compiling the train step (the first step takes a while).")
   try:
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
@@ -380,4 +382,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
     preemption.close()
     writer.close()
+    if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
+      data_iter.close()
   return last_metrics
