@@ -1,7 +1,8 @@
-"""dora-train end to end on a tiny model: resume after SIGTERM, learning, overrides, bad input.
+"""dora-train end to end on a tiny model: resume after SIGTERM, overrides, NaN stop, bad input.
 
 Four fake CPU devices (conftest.py); every run is a few steps of a 2-block ViT on 32-px frames of
-a small synthetic walking tour.
+a small synthetic walking tour, as a real `dora-train` process (the runs share a compilation
+cache). DORA_SLOW_TESTS=1 adds the full demo (its loss must fall) and a two-process run.
 """
 import importlib.util
 import json
