@@ -17,6 +17,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---- Model. ----
   c.model = ml_collections.ConfigDict()
   c.model.variant = "S/16"  # ViT variant: Ti/S/B with patch 16 or 8 (e.g. "S/16", "B/8").
+  c.model.dim = 0  # Token width; 0 takes the variant's (set with depth/num_heads for tiny models).
+  c.model.depth = 0  # Transformer blocks; 0 takes the variant's.
+  c.model.num_heads = 0  # Attention heads; 0 takes the variant's.
+  c.model.patch_size = 0  # Patch side in pixels; 0 takes the variant's.
   c.model.drop_path_rate = 0.1  # Stochastic depth in the student (the teacher uses none).
   c.model.head_hidden_dim = 2048  # Hidden width of the DINO head's MLP.
   c.model.head_bottleneck_dim = 256  # Width of the head's L2-normalised bottleneck.

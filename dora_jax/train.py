@@ -24,6 +24,7 @@ import numpy as np
 
 from dora_jax import checkpoints as checkpoints_lib
 from dora_jax import metrics as metrics_lib
+from dora_jax import models
 from dora_jax import sharding as sharding_lib
 from dora_jax import train_step
 from dora_jax import visualize
@@ -68,8 +69,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         f"config data.frames_per_clip={config.data.frames_per_clip}: must be at least 2 (frame 0 "
         "is the anchor where objects are discovered, the others are where they are tracked).")
   try:
-    size = vit.resolve_size(config.model.variant, **{
-        key: config.model.get(key) for key in ("dim", "depth", "num_heads", "patch_size")})
+    size = vit.resolve_size(config.model.variant, **models.size_overrides(config.model))
   except ValueError as e:
     raise ConfigError(f"config model: {e}") from None
   if config.dora.enabled and not 1 <= config.dora.num_objects <= size.num_heads:

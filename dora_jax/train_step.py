@@ -180,6 +180,24 @@ def object_views(config, teacher_out: dict[str, jax.Array], frames: jax.Array,
               visible=visible)
 
 
+def object_overlap(masks: jax.Array) -> jax.Array:
+  """Mean IoU between the masks of different objects (B, T, k, H, W) -> scalar.
+
+  Near 1 while the teacher's heads still attend alike (early in training, or a model too small
+  to have learned it): then the k objects coincide. It falls as discovery finds distinct objects.
+  """
+  num_objects = masks.shape[2]
+  if num_objects < 2:
+    return jnp.zeros((), jnp.float32)
+  flat = masks.reshape(masks.shape[:3] + (-1,)).astype(jnp.float32)  # (B, T, k, P)
+  intersection = jnp.einsum("btip,btjp->btij", flat, flat)
+  area = jnp.diagonal(intersection, axis1=-2, axis2=-1)  # (B, T, k)
+  union = area[..., :, None] + area[..., None, :] - intersection
+  iou = intersection / jnp.maximum(union, 1.0)
+  pairs = jnp.triu(jnp.ones((num_objects, num_objects), bool), k=1)
+  return jnp.sum(jnp.where(pairs, iou, 0.0)) / (iou.shape[0] * iou.shape[1] * jnp.sum(pairs))
+
+
 def compute_loss(config, graphdef: nnx.GraphDef, params: nnx.State, teacher_params: nnx.State,
                  constants: nnx.State, center: jax.Array, batch: Batch, teacher_temp: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -205,9 +223,11 @@ def compute_loss(config, graphdef: nnx.GraphDef, params: nnx.State, teacher_para
     dora = object_views(config, teacher_out, frames, track_key)
     views = jax.lax.stop_gradient(dora["views"])  # (B, T, V, H, W, 3)
     aux["masked_area"] = 1.0 - jnp.mean(dora["visible"])
+    aux["object_overlap"] = object_overlap(dora["masks"])
   else:
     views = frames[:, :, None]
     aux["masked_area"] = jnp.zeros((), jnp.float32)
+    aux["object_overlap"] = jnp.zeros((), jnp.float32)
   num_views = views.shape[2]
 
   student = nnx.merge(graphdef, params, constants)
@@ -269,6 +289,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, *, steps_per_epoch: int,
         teacher_entropy=aux["teacher_entropy"],
         kl=aux["kl"],
         masked_area=aux["masked_area"],
+        object_overlap=aux["object_overlap"],
         grad_norm=optax.tree.norm(grads),
     )
     return new_state, metrics

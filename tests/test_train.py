@@ -133,23 +133,6 @@ RUN = dict(optim__base_lr=BASE_LR, dora__mask_mode="keep")
 FSDP = {"mesh.fsdp": 2, "mesh.fsdp_min_size": 1024}
 
 
-def _tiny_dino_config(folder):
-  """configs/dino_vits16_wtours.py with the tiny model (a wrapper: the model-size keys are not in
-  the base config, so the command line cannot add them)."""
-  wrapper = folder / "tiny_dino.py"
-  wrapper.write_text(
-      "import importlib.util\n"
-      "def get_config(arg=None):\n"
-      f"  spec = importlib.util.spec_from_file_location('dino', {os.path.join(ROOT, 'configs', 'dino_vits16_wtours.py')!r})\n"
-      "  module = importlib.util.module_from_spec(spec)\n"
-      "  spec.loader.exec_module(module)\n"
-      "  c = module.get_config(arg)\n"
-      + "".join(f"  c.model.{key} = {TINY['model.' + key]}\n"
-                for key in ("dim", "depth", "num_heads", "patch_size"))
-      + "  return c\n")
-  return str(wrapper)
-
-
 @pytest.fixture(scope="module")
 def launched(data_dir, env, tmp_path_factory):
   """Starts the two runs that compile different programs side by side (XLA compiles on one core).
@@ -163,7 +146,7 @@ def launched(data_dir, env, tmp_path_factory):
   folder = tmp_path_factory.mktemp("runs")
   runs = {
       "straight": ["--config", DEMO_CONFIG] + _flags(data_dir, **RUN),
-      "dino": ["--config", _tiny_dino_config(folder)] + _flags(
+      "dino": ["--config", os.path.join(ROOT, "configs", "dino_vits16_wtours.py")] + _flags(
           data_dir, picture_every_steps=0, optim__min_lr="nan", **FSDP),
   }
   started = {}

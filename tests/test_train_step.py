@@ -197,6 +197,22 @@ def test_bad_batches_and_configs_raise_at_trace_time(dora_run):
     step(state, tiny_batch())
 
 
+def test_object_overlap_is_the_mean_pairwise_iou():
+  rng = np.random.default_rng(8)
+  masks = rng.random((2, 3, 3, 4, 5)) > 0.5  # (B, T, k, H, W)
+  ious = []
+  for b in range(2):
+    for t in range(3):
+      for i in range(3):
+        for j in range(i + 1, 3):
+          a, c = masks[b, t, i], masks[b, t, j]
+          ious.append(np.logical_and(a, c).sum() / max(np.logical_or(a, c).sum(), 1))
+  np.testing.assert_allclose(float(train_step.object_overlap(jnp.asarray(masks))), np.mean(ious),
+                             rtol=1e-6)
+  same = np.repeat(masks[:, :, :1], 3, axis=2)
+  assert float(train_step.object_overlap(jnp.asarray(same))) == pytest.approx(1.0)
+
+
 def test_dino_loss_matches_hand_computation():
   teacher_logits = np.array([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # (B=1, T=2, K=3)
   center = np.array([0.1, 0.0, -0.1])

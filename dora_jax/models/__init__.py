@@ -46,17 +46,23 @@ def compute_dtype(name: str) -> Any:
   return COMPUTE_DTYPES[name]
 
 
+def size_overrides(model_config) -> dict[str, int]:
+  """The `dim`/`depth`/`num_heads`/`patch_size` keys of `config.model` that override the variant
+  (absent, None or 0 keep the variant's value)."""
+  keys = ("dim", "depth", "num_heads", "patch_size")
+  return {key: model_config.get(key) for key in keys if model_config.get(key)}
+
+
 def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
   """Builds the `DinoModel` described by `config.model` (see dora_jax/config_base.py).
 
-  Besides the base keys, optional `dim`, `depth`, `num_heads` and `patch_size` override the
-  variant's values, for tiny test and demo models.
+  Non-zero `dim`, `depth`, `num_heads` and `patch_size` override the variant's values, for
+  tiny test and demo models.
   """
   dtype = compute_dtype(model_config.compute_dtype)
-  overrides = {key: model_config.get(key) for key in ("dim", "depth", "num_heads", "patch_size")}
   backbone = VisionTransformer(
       model_config.variant, img_size=img_size, drop_path_rate=model_config.drop_path_rate,
-      dtype=dtype, rngs=rngs, **{k: v for k, v in overrides.items() if v is not None})
+      dtype=dtype, rngs=rngs, **size_overrides(model_config))
   head = DINOHead(
       backbone.size.dim, model_config.out_dim, hidden_dim=model_config.head_hidden_dim,
       bottleneck_dim=model_config.head_bottleneck_dim, num_layers=model_config.head_layers,
@@ -66,6 +72,6 @@ def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
 
 __all__ = [
     "COMPUTE_DTYPES", "DINOHead", "DinoModel", "VARIANTS", "VisionTransformer", "build_model",
-    "compute_dtype", "from_torch_state_dict", "head_from_torch_state_dict",
+    "compute_dtype", "from_torch_state_dict", "size_overrides", "head_from_torch_state_dict",
     "head_to_torch_state_dict", "parse_variant", "to_torch_state_dict",
 ]
