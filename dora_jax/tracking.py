@@ -36,6 +36,17 @@ def _check_rank(name: str, array: jax.Array, rank: int, layout: str) -> None:
         f"`{name}` must have shape {layout} (rank {rank}); got shape {tuple(array.shape)}.")
 
 
+def _check_against_prototypes(prototypes: jax.Array, name: str, other: jax.Array,
+                              layout: str) -> None:
+  """`prototypes` is (B, k, d) and `other` has `layout`, with the same B first and d last."""
+  _check_rank("prototypes", prototypes, 3, "(B, k, d)")
+  _check_rank(name, other, layout.count(",") + 1, layout)
+  if (prototypes.shape[0], prototypes.shape[2]) != (other.shape[0], other.shape[-1]):
+    raise ValueError(
+        f"`prototypes` (B, k, d) and `{name}` {layout} disagree on B or d: got "
+        f"{tuple(prototypes.shape)} and {tuple(other.shape)}.")
+
+
 def sinkhorn(scores: jax.Array, *, epsilon: float, num_iters: int) -> jax.Array:
   """Entropic OT plan between k prototypes and N patches with uniform marginals (ott-jax).
 
@@ -143,12 +154,7 @@ def refine(prototypes: jax.Array, anchor_tokens: jax.Array, *, epsilon: float,
     refined: (B, k, d) float32 refined prototypes.
     plan: (B, k, N) float32 transport plan, total mass 1 per clip.
   """
-  _check_rank("prototypes", prototypes, 3, "(B, k, d)")
-  _check_rank("anchor_tokens", anchor_tokens, 3, "(B, N, d)")
-  if (prototypes.shape[0], prototypes.shape[2]) != (anchor_tokens.shape[0], anchor_tokens.shape[2]):
-    raise ValueError(
-        f"`prototypes` (B, k, d) and `anchor_tokens` (B, N, d) disagree on B or d: got "
-        f"{tuple(prototypes.shape)} and {tuple(anchor_tokens.shape)}.")
+  _check_against_prototypes(prototypes, "anchor_tokens", anchor_tokens, "(B, N, d)")
   num_objects = prototypes.shape[1]
   patches = l2_normalize(anchor_tokens.astype(jnp.float32))
   scores = jnp.einsum("bkd,bnd->bkn", prototypes.astype(jnp.float32), patches,
@@ -169,12 +175,7 @@ def track(prototypes: jax.Array, frame_keys: jax.Array) -> jax.Array:
   Returns:
     heatmaps: (B, T, k, N) float32; row (t, i) is a softmax over frame t's patches.
   """
-  _check_rank("prototypes", prototypes, 3, "(B, k, d)")
-  _check_rank("frame_keys", frame_keys, 4, "(B, T, N, d)")
-  if (prototypes.shape[0], prototypes.shape[2]) != (frame_keys.shape[0], frame_keys.shape[3]):
-    raise ValueError(
-        f"`prototypes` (B, k, d) and `frame_keys` (B, T, N, d) disagree on B or d: got "
-        f"{tuple(prototypes.shape)} and {tuple(frame_keys.shape)}.")
+  _check_against_prototypes(prototypes, "frame_keys", frame_keys, "(B, T, N, d)")
   width = prototypes.shape[-1]
   logits = jnp.einsum("bkd,btnd->btkn", prototypes.astype(jnp.float32),
                       frame_keys.astype(jnp.float32),
