@@ -1,5 +1,4 @@
 """The trainer's parts on their own: mesh and shardings, checkpoints, metrics files, pictures."""
-import json
 import os
 
 import jax
