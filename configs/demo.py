@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.batch_size = 8
   c.total_steps = 300
-  c.optim.base_lr = 0.02  # Per 256 clips, i.e. 1.25e-3 at batch 16: a tiny model learns fast.
+  c.optim.base_lr = 0.02  # Per 256 clips, i.e. 6.25e-4 at batch 8: a tiny model learns fast.
   c.optim.min_lr = 1e-5
   c.optim.warmup_epochs = 1
   c.optim.weight_decay = 0.04
