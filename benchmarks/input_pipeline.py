@@ -29,6 +29,7 @@ import numpy as np
 
 from dora_jax import config_base
 from dora_jax.data import convert
+from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import pipeline
 from dora_jax.data import source
 from dora_jax.data import synthetic
@@ -111,7 +112,7 @@ def main() -> None:
   if args.source_height != 360:
     video = upscaled_copy(video, args.source_height)
   data_dir = os.path.join(args.workdir, f"shards{args.source_height}")
-  cached = os.path.exists(os.path.join(data_dir, convert.MANIFEST))
+  cached = os.path.exists(manifest_lib.path_of(data_dir))
   start = time.perf_counter()
   manifest = convert.convert([video], data_dir, progress=False)
   convert_s = time.perf_counter() - start
@@ -122,9 +123,9 @@ def main() -> None:
         f"({'cached' if cached else f'{convert_s:.1f} s'})")
 
   config = paper_data_config(data_dir)
-  pipeline.validate(config)
+  plan = pipeline.plan_clips(config)
   view_config = views.ViewConfig.from_config(config)
-  ours = pipeline.make_dataset(config, seed=0).batch(args.batch)
+  ours = pipeline.make_dataset(plan, config, seed=0).batch(args.batch)
   clips = source.ClipIndex((entry["num_frames"],), config.frames_per_clip, config.frame_stride)
   size = (entry["height"], entry["width"])
   rng = np.random.default_rng(0)
@@ -183,7 +184,7 @@ def main() -> None:
     from absl import flags  # pylint: disable=g-import-not-at-top
     flags.FLAGS.mark_as_parsed()
     config.num_workers = args.workers
-    iterator = pipeline.make_train_iterator(config, global_batch_size=16, seed=0)
+    iterator = pipeline.make_train_iterator(plan, config, batch_size=16, seed=0)
     next(iterator)  # Start-up (spawning the workers) is not throughput.
     start, count = time.perf_counter(), 0
     for _ in range(6):

@@ -18,33 +18,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"configs/demo.py takes no argument (got {arg!r}); override keys with "
                      "--config.key=value instead.")
-  c = config_base.get_base_config()
+  c = config_base.shrink_for_cpu(config_base.get_base_config())
   c.seed = 0
-
-  c.model.variant = "Ti/8"  # Shrunk below by the overrides the model builder accepts.
-  c.model.dim = 64  # Width of the tiny ViT.
-  c.model.depth = 4  # Blocks of the tiny ViT.
-  c.model.num_heads = 4  # Heads of the tiny ViT (k objects are picked among them).
-  c.model.patch_size = 8  # Patch side: 8 x 8 patches on the 64-px frames.
-  c.model.drop_path_rate = 0.0
-  c.model.head_hidden_dim = 256
-  c.model.head_bottleneck_dim = 64
-  c.model.out_dim = 256
-
-  c.dora.num_objects = 2
-  c.dora.sinkhorn_iters = 3
-
-  c.data.synthetic = True
   c.data.frames_per_clip = 4
   c.data.frame_stride = 6
-  c.data.global_pre_size = 96
-  c.data.global_size = 64
-  c.data.num_local_crops = 2
-  c.data.local_size = 32
   c.data.num_workers = 1
-  c.data.prefetch_buffer_size = 2
 
-  c.batch_size = 8
   c.total_steps = 300
   c.optim.base_lr = 0.02  # Per 256 clips, i.e. 6.25e-4 at batch 8: a tiny model learns fast.
   c.optim.min_lr = 1e-5

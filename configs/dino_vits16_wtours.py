@@ -8,22 +8,12 @@ arguments (variant=, data=, videos=, runlocal):
   dora-train --config configs/dino_vits16_wtours.py:data=/data/wt_venice \
       --workdir /ckpt/dino_vits16_venice
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _dora_config_module():
-  # config_flags loads config files by path, not as a package: import the sibling the same way.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dora_vits16_wtours.py")
-  spec = importlib.util.spec_from_file_location("dora_vits16_wtours", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from dora_jax import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _dora_config_module().get_config(arg)
+  c = config_base.apply_wtours_args(config_base.get_base_config(), arg)
   c.dora.enabled = False
   return c

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run (orbax), and `load_backbone` for the trained encoder.
+"""Checkpoints of a training run (orbax): save, restore, and the run's config file.
 
 A run's work folder holds:
   WORKDIR/config.json             the config the run was started with
@@ -142,9 +142,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises CheckpointMismatchError when checkpoint `step` has other arrays or shapes."""
     metadata = self._manager.item_metadata(step)["state"]
@@ -193,70 +190,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (`write_config`)."""
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     return ml_collections.ConfigDict(json.load(f))
-
-
-def _resolve_run(path: str) -> tuple[str, str, int | None]:
-  """(workdir, checkpoint dir, step or None for the latest) of a work folder or a step folder."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(os.path.join(path, CONFIG_FILE)):
-    return path, os.path.join(path, CHECKPOINT_DIR), None
-  parent, name = os.path.split(path)
-  grandparent = os.path.dirname(parent)
-  if (name.isdigit() and os.path.basename(parent) == CHECKPOINT_DIR
-      and os.path.exists(os.path.join(grandparent, CONFIG_FILE))):
-    return grandparent, parent, int(name)
-  raise FileNotFoundError(
-      f"{path} is not a dora-train work folder (no {CONFIG_FILE}) nor one of its "
-      f"{CHECKPOINT_DIR}/STEP folders: pass the --workdir of a training run.")
-
-
-def load_backbone(path: str):
-  """The teacher's ViT backbone of a training run, with its trained weights.
-
-  The teacher (the EMA of the student) is the encoder DINO and DoRA evaluate and release.
-
-  Args:
-    path: a `dora-train` work folder (its latest checkpoint is used) or one of its
-      `checkpoints/STEP` folders.
-
-  Returns:
-    A `dora_jax.models.vit` VisionTransformer: called on float32 normalised images (B, H, W, 3),
-    H and W divisible by its patch size, it returns the dict of the public contract (`cls`,
-    `tokens`, `attn`, `q`, `k`).
-
-  Raises:
-    FileNotFoundError: `path` is not a work folder or has no checkpoint; nothing falls back to
-      other weights.
-  """
-  workdir, checkpoint_dir, step = _resolve_run(path)
-  from dora_jax import train  # Late import: train imports this module.
-  from dora_jax import train_step
-  config = read_config(workdir)
-  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
-  manager = ocp.CheckpointManager(
-      checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      handler_registry=registry)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint"
-                            + (f" for step {step}" if step is not None else "") + ".")
-  graphdef, abstract_state = train.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract_teacher = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      abstract_state["teacher"])
-  saved = flat_shapes(manager.item_metadata(step)["state"].tree["teacher"])
-  problem = describe_mismatch(saved, flat_shapes(abstract_teacher))
-  if problem:
-    raise CheckpointMismatchError(
-        f"the teacher in {checkpoint_dir}/{step} does not match {workdir}/{CONFIG_FILE}: {problem}.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"teacher": abstract_teacher},
-      restore_args=ocp.checkpoint_utils.construct_restore_args({"teacher": abstract_teacher}),
-      partial_restore=True)))
-  manager.close()
-  state = dict(abstract_state, teacher=restored["state"]["teacher"])
-  return train_step.teacher_backbone(graphdef, state)

@@ -1,6 +1,8 @@
 """The shared base config: every key the trainer reads, each with one line saying what it is.
 
-Config files in `configs/` start from `get_base_config()` and change what their run needs.
+The defaults are the paper's run (DoRA ViT-S/16 on WT-Venice; docs/DESIGN.md has the table).
+Config files in `configs/` start from `get_base_config()` and change only what differs, parse
+their `:ARG` with `parse_arg`, and shrink for CPU smoke runs with `shrink_for_cpu`.
 """
 import ml_collections
 
@@ -97,4 +99,75 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.log_every_steps = 50  # Metrics to TensorBoard, metrics.jsonl and the console.
   c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'variant=B/16,data=/x,runlocal' -> ConfigDict over `defaults`, values typed like them.
+
+  A bare name sets a boolean default to True. An unknown name is an error that lists the known ones.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    name, has_value, value = part.partition("=")
+    name = name.strip()
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
+    default = defaults[name]
+    if isinstance(default, bool):
+      if has_value and value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {name}={value!r}: expected true or false.")
+      result[name] = (not has_value) or value.lower() in ("true", "1")
+    elif not has_value:
+      raise ValueError(f"config argument {name!r} needs a value: {name}=...")
+    else:
+      result[name] = type(default)(value)
+  return result
+
+
+def apply_wtours_args(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """The arguments of the Walking Tours configs (variant=, data=, videos=, runlocal) applied to c."""
+  args = parse_arg(arg, variant="S/16", data="", videos="", runlocal=False)
+  c.model.variant = args.variant
+  c.data.dir = args.data
+  if args.videos.isdigit():
+    c.data.num_videos = int(args.videos)
+  else:
+    c.data.video_ids = tuple(v for v in args.videos.split("+") if v)
+  if args.runlocal:
+    shrink_for_cpu(c)
+    c.data.frames_per_clip = 2
+    c.data.frame_stride = 10
+    c.batch_size = 4
+    c.total_steps = 4
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+    c.picture_every_steps = 2
+  return c
+
+
+def shrink_for_cpu(c: ml_collections.ConfigDict, *, image_size: int = 64, width: int = 64,
+                   depth: int = 4, num_heads: int = 4) -> ml_collections.ConfigDict:
+  """Tiny shapes for CPU smoke runs, the demo and the tests; the recipe otherwise unchanged.
+
+  A ViT of `width` x `depth` with 8-px patches on `image_size`-px frames (local crops half that),
+  a head 4x as wide, the synthetic walking tour, 2 objects, 2 local crops, batch 8, no drop path,
+  data made in the main process.
+  """
+  c.model.dim = width
+  c.model.depth = depth
+  c.model.num_heads = num_heads
+  c.model.patch_size = 8
+  c.model.drop_path_rate = 0.0
+  c.model.head_hidden_dim = 4 * width
+  c.model.head_bottleneck_dim = width
+  c.model.out_dim = 4 * width
+  c.dora.num_objects = min(2, num_heads)
+  c.data.synthetic = True
+  c.data.global_pre_size = image_size * 3 // 2
+  c.data.global_size = image_size
+  c.data.num_local_crops = 2
+  c.data.local_size = image_size // 2
+  c.data.num_workers = 0
+  c.batch_size = 8
   return c

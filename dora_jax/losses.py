@@ -1,4 +1,4 @@
-"""The DINO loss as DoRA uses it (DESIGN.md step 7), and its centre.
+"""The DINO loss as DoRA uses it (docs/DESIGN.md step 7), and its centre.
 
 Per frame t the teacher's target is softmax((g_t - c) / tau_t) on the full frame. The student
 answers on the masked view(s) of frame t and on its M local crops. The loss of a frame is

@@ -85,6 +85,7 @@ def _main(argv) -> None:
     jax.distributed.initialize(**counts)
   # Imported after jax.distributed: nothing may touch the devices before it.
   from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax import preflight  # pylint: disable=g-import-not-at-top
   from dora_jax import train  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX %s: process %d of %d, %d devices (%d local).", jax.__version__,
@@ -92,7 +93,7 @@ def _main(argv) -> None:
                jax.local_device_count())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train.ConfigError, checkpoints.CheckpointMismatchError) as e:
+  except (preflight.ConfigError, checkpoints.CheckpointMismatchError) as e:
     _fail(str(e), 2)
   except train.NonFiniteLossError as e:
     _fail(str(e), 1)

@@ -1,4 +1,4 @@
-"""Per-step schedules of the DINO/DoRA recipe (DESIGN.md step 8), as jit-friendly functions.
+"""Per-step schedules of the DINO/DoRA recipe (docs/DESIGN.md step 8), as jit-friendly functions.
 
 All take the global step (an int32 array or int) and return float32 scalars.
 """

@@ -8,7 +8,7 @@ Pure functions over arrays, independent of the model classes, usable under `jax.
   N  patches per frame           d  token width (h * d_head)
   H, W  image size in pixels     gh, gw  patch grid (N = gh * gw)
 
-Pipeline (DESIGN.md steps 3-6):
+Pipeline (docs/DESIGN.md steps 3-6):
 
   prototypes = discover(anchor_attn, anchor_queries, key, num_objects=k)      # (B, k, d)
   refined, plan = refine(prototypes, anchor_tokens, epsilon=0.05, num_iters=3)
@@ -28,6 +28,8 @@ from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn as ott_sinkhorn
 
 MaskMode = Literal["remove", "keep"]
+# Named rules of `object_masks` for the cut of a heat map (besides a fixed number).
+THRESHOLD_RULES = ("mean",)
 
 
 def _check_rank(name: str, array: jax.Array, rank: int, layout: str) -> None:
@@ -210,8 +212,9 @@ def object_masks(heatmaps: jax.Array, *, grid_size: tuple[int, int],
     raise ValueError(
         f"`image_size` {tuple(image_size)} must be a multiple of `grid_size` {tuple(grid_size)}.")
   if isinstance(threshold, str):
-    if threshold != "mean":
-      raise ValueError(f"`threshold` must be 'mean' or a number; got {threshold!r}.")
+    if threshold not in THRESHOLD_RULES:
+      raise ValueError(f"`threshold` must be one of {THRESHOLD_RULES} or a number; got "
+                       f"{threshold!r}.")
     cut = jnp.mean(heatmaps, axis=-1, keepdims=True)
   else:
     cut = jnp.float32(threshold)

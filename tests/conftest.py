@@ -14,3 +14,30 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 
 # grain's multiprocess prefetch reads absl flags; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+from dora_jax import config_base  # pylint: disable=g-import-not-at-top
+
+
+def make_tiny_config(**overrides):
+  """The tests' tiny run: `config_base.shrink_for_cpu` at 32 px with a 2-block, 4-head ViT of
+  width 32, 2 frames per clip, a batch of 4 clips (one per fake device); `overrides` are dotted
+  keys ("dora.num_objects": 3)."""
+  config = config_base.shrink_for_cpu(config_base.get_base_config(), image_size=32, width=32,
+                                      depth=2, num_heads=4)
+  config.data.frames_per_clip = 2
+  config.batch_size = 4
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """A factory of fresh tiny configs: `tiny_config(**{"dora.mask_mode": "keep"})`."""
+  return make_tiny_config

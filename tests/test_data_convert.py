@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 
 from dora_jax.data import convert
+from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import source
 from dora_jax.data import synthetic
 from dora_jax.data import tfrecord
@@ -30,8 +31,8 @@ def _decoded(path):
 
 
 def _stored(data_dir, video_id):
-  manifest = source.load_manifest(data_dir)
-  store = source.FrameStore(data_dir, source.select_videos(manifest, (video_id,), data_dir))
+  manifest = manifest_lib.load(data_dir)
+  store = source.FrameStore(data_dir, manifest_lib.select_videos(manifest, (video_id,), data_dir))
   frames = [store.read_frame(0, i) for i in range(store.num_frames[0])]
   return manifest, frames
 
@@ -140,7 +141,7 @@ def test_bad_inputs_give_one_line_errors_and_the_other_videos_are_converted(vide
     assert f"'{path}'" in line
   assert "does not exist" in errors[0] and "not a video" in errors[1]
   assert "truncated" in errors[3] and "0 decodable frames" in errors[4]
-  manifest = source.load_manifest(out)
+  manifest = manifest_lib.load(out)
   done = [v["id"] for v in manifest["videos"] if v["complete"]]
   assert done == ["good"]
 
@@ -186,6 +187,6 @@ def test_rerun_repairs_shards_cut_short_or_failing_a_crc(video, tmp_path):
   assert rerun("--verify") == 0
   for name in names:
     assert open(os.path.join(out, name), "rb").read() == pristine[name], name
-  manifest = source.load_manifest(out)
+  manifest = manifest_lib.load(out)
   assert manifest["videos"][0]["complete"]
   assert manifest["videos"][0]["frames_kept"] == NUM_FRAMES - len(BLANK)

@@ -6,6 +6,7 @@ import pytest
 
 from dora_jax import config_base
 from dora_jax.data import convert
+from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import pipeline
 from dora_jax.data import source
 from dora_jax.data import synthetic
@@ -40,16 +41,25 @@ def _config(data_dir, **overrides):
   return config
 
 
+def _iterator(config, *, batch_size, seed):
+  return pipeline.make_train_iterator(pipeline.plan_clips(config), config, batch_size=batch_size,
+                                      seed=seed)
+
+
+def _dataset(config, **kwargs):
+  return pipeline.make_dataset(pipeline.plan_clips(config), config, **kwargs)
+
+
 def _equal(a, b):
   return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_num_clips_and_clips_never_cross_videos(data_dir):
   span = (T - 1) * STRIDE + 1
-  assert pipeline.num_clips(_config(data_dir)) == sum(n - span + 1 for n in LENGTHS.values())
-  assert pipeline.num_clips(_config(data_dir, video_ids=("beta",))) == LENGTHS["beta"] - span + 1
-  manifest = source.load_manifest(data_dir)
-  clips = source.ClipSource(data_dir, source.select_videos(manifest, (), data_dir), T, STRIDE)
+  assert pipeline.plan_clips(_config(data_dir)).num_clips == sum(n - span + 1 for n in LENGTHS.values())
+  assert pipeline.plan_clips(_config(data_dir, video_ids=("beta",))).num_clips == LENGTHS["beta"] - span + 1
+  manifest = manifest_lib.load(data_dir)
+  clips = source.ClipSource(data_dir, manifest_lib.select_videos(manifest, (), data_dir), T, STRIDE)
   seen = set()
   for index in range(len(clips)):
     video, frames = clips.index.frames(index)
@@ -62,19 +72,18 @@ def test_num_clips_and_clips_never_cross_videos(data_dir):
 
 
 def test_batches_have_the_contract_shapes(data_dir):
-  batch = next(pipeline.make_train_iterator(_config(data_dir), global_batch_size=4, seed=0))
+  batch = next(_iterator(_config(data_dir), batch_size=4, seed=0))
   assert batch["frames"].shape == (4, T, 32, 32, 3) and batch["frames"].dtype == np.uint8
   assert batch["crops"].shape == (4, T, 2, 16, 16, 3) and batch["crops"].dtype == np.uint8
-  no_crops = next(pipeline.make_train_iterator(_config(data_dir, num_local_crops=0),
-                                               global_batch_size=2, seed=0))
+  no_crops = next(_iterator(_config(data_dir, num_local_crops=0), batch_size=2, seed=0))
   assert set(no_crops) == {"frames"}
 
 
 def test_same_seed_same_batches_other_seed_other_batches(data_dir):
   config = _config(data_dir)
-  a = pipeline.make_train_iterator(config, global_batch_size=4, seed=1)
-  b = pipeline.make_train_iterator(config, global_batch_size=4, seed=1)
-  c = pipeline.make_train_iterator(config, global_batch_size=4, seed=2)
+  a = _iterator(config, batch_size=4, seed=1)
+  b = _iterator(config, batch_size=4, seed=1)
+  c = _iterator(config, batch_size=4, seed=2)
   first_a, first_b, first_c = ([next(it) for _ in range(3)] for it in (a, b, c))
   assert all(_equal(x, y) for x, y in zip(first_a, first_b))
   assert not any(np.array_equal(x["frames"], y["frames"]) for x, y in zip(first_a, first_c))
@@ -82,32 +91,32 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
 
 def test_restoring_the_state_after_n_batches_gives_batches_n_plus_1_on(data_dir):
   config = _config(data_dir)
-  iterator = pipeline.make_train_iterator(config, global_batch_size=4, seed=3)
+  iterator = _iterator(config, batch_size=4, seed=3)
   batches = [next(iterator) for _ in range(12)]  # 34 clips: past the first epoch's end.
   for n in (2, 9):
-    replay = pipeline.make_train_iterator(config, global_batch_size=4, seed=3)
+    replay = _iterator(config, batch_size=4, seed=3)
     for _ in range(n):
       next(replay)
     state = json.loads(json.dumps(replay.get_state()))  # What a checkpoint stores.
-    restored = pipeline.make_train_iterator(config, global_batch_size=4, seed=3)
+    restored = _iterator(config, batch_size=4, seed=3)
     restored.set_state(state)
     assert all(_equal(next(restored), batches[k]) for k in range(n, n + 3))
 
 
 def test_epochs_are_reshuffled_and_hosts_see_disjoint_clips(data_dir):
   config = _config(data_dir)
-  total = pipeline.num_clips(config)
+  total = pipeline.plan_clips(config).num_clips
 
   def clip_ids(dataset, start, count):
     return [(int(dataset[i]["video"]), int(dataset[i]["frames"][0])) for i in range(start,
                                                                                      start + count)]
 
-  single = pipeline.make_dataset(config, seed=4, with_clip_ids=True)
+  single = _dataset(config, seed=4, with_clip_ids=True)
   epoch0, epoch1 = clip_ids(single, 0, total), clip_ids(single, total, total)
   assert len(set(epoch0)) == total and set(epoch0) == set(epoch1) and epoch0 != epoch1
 
-  hosts = [pipeline.make_dataset(config, seed=4, process_index=p, process_count=2,
-                                 with_clip_ids=True) for p in range(2)]
+  hosts = [_dataset(config, seed=4, process_index=p, process_count=2, with_clip_ids=True)
+           for p in range(2)]
   host0, host1 = (set(clip_ids(h, 0, total // 2)) for h in hosts)
   assert not host0 & host1 and host0 | host1 == set(epoch0)  # One epoch, split in two.
   # The same clip gets the same views whichever host serves it.
@@ -116,30 +125,30 @@ def test_epochs_are_reshuffled_and_hosts_see_disjoint_clips(data_dir):
 
 def test_bad_config_gives_one_line_errors_naming_the_key(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"has no manifest\.json; run `dora-convert"):
-    pipeline.validate(_config(str(tmp_path)))
+    pipeline.plan_clips(_config(str(tmp_path)))
   with pytest.raises(ValueError, match=r"data\.video_ids: 'gamma' is not in"):
-    pipeline.validate(_config(data_dir, video_ids=("gamma",)))
-  with pytest.raises(ValueError, match=r"data\.frames_per_clip must be an integer >= 2"):
-    pipeline.validate(_config(data_dir, frames_per_clip=1))
+    pipeline.plan_clips(_config(data_dir, video_ids=("gamma",)))
+  with pytest.raises(ValueError, match=r"data\.frames_per_clip must be an integer >= 1"):
+    pipeline.plan_clips(_config(data_dir, frames_per_clip=0))
   with pytest.raises(ValueError, match=r"data\.frames_per_clip=9 at data\.frame_stride=4 spans 33 "
                      r".*longest video .*\('alpha'\) has 30"):
-    pipeline.validate(_config(data_dir, frames_per_clip=9))
+    pipeline.plan_clips(_config(data_dir, frames_per_clip=9))
   with pytest.raises(ValueError, match=r"data\.global_pre_size=64 .* stored frames 64x48"):
-    pipeline.validate(_config(data_dir, global_pre_size=64))
-  assert pipeline.validate(_config(data_dir, frames_per_clip=8, frame_stride=3))["videos"]
+    pipeline.plan_clips(_config(data_dir, global_pre_size=64))
+  assert pipeline.plan_clips(_config(data_dir, frames_per_clip=8, frame_stride=3)).videos
 
 
 def test_worker_processes_give_the_same_batches_and_restore(data_dir):
-  inline = pipeline.make_train_iterator(_config(data_dir), global_batch_size=2, seed=5)
+  inline = _iterator(_config(data_dir), batch_size=2, seed=5)
   expected = [next(inline) for _ in range(5)]
   config = _config(data_dir, num_workers=2)
-  workers = pipeline.make_train_iterator(config, global_batch_size=2, seed=5)
+  workers = _iterator(config, batch_size=2, seed=5)
   try:
     got = [next(workers) for _ in range(3)]
     state = json.loads(json.dumps(workers.get_state()))
   finally:
     workers.close()
-  restored = pipeline.make_train_iterator(config, global_batch_size=2, seed=5)
+  restored = _iterator(config, batch_size=2, seed=5)
   try:
     restored.set_state(state)
     got += [next(restored) for _ in range(2)]

@@ -5,7 +5,7 @@ import av
 import numpy as np
 from scipy import ndimage
 
-from dora_jax.data import source
+from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import synthetic
 
 
@@ -53,11 +53,11 @@ def test_blank_frames_are_constant_and_maskless(tmp_path):
 def test_demo_data_is_made_once_and_reused(tmp_path):
   small = dict(num_frames=20, width=64, height=48, short_side=48, frames_per_shard=8)
   data_dir = synthetic.ensure_demo_data(str(tmp_path), **small)
-  manifest = source.load_manifest(data_dir)
+  manifest = manifest_lib.load(data_dir)
   assert manifest["videos"][0]["complete"] and manifest["videos"][0]["num_frames"] == 20
   stamps = {n: os.stat(os.path.join(data_dir, n)).st_mtime_ns for n in os.listdir(data_dir)}
   assert synthetic.ensure_demo_data(str(tmp_path), **small) == data_dir
   assert stamps == {n: os.stat(os.path.join(data_dir, n)).st_mtime_ns
                     for n in os.listdir(data_dir)}
   synthetic.ensure_demo_data(str(tmp_path), **dict(small, num_frames=16))  # Other spec: remade.
-  assert source.load_manifest(data_dir)["videos"][0]["num_frames"] == 16
+  assert manifest_lib.load(data_dir)["videos"][0]["num_frames"] == 16

@@ -7,8 +7,9 @@ import pytest
 from scipy import special
 
 from dora_jax import config_base
-from dora_jax import models
+from dora_jax.models import dino
 from dora_jax.models import head as head_lib
+from dora_jax.models import torch_names
 from dora_jax.models import vit
 
 # The sizes of `tiny_model_config`, so all tests share compiled initialisers.
@@ -66,7 +67,7 @@ def test_head_matches_numpy(num_layers):
 
 
 def test_parameter_names_and_init():
-  head = models.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, rngs=nnx.Rngs(0))
+  head = head_lib.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(head, nnx.Param))
   assert params["last_layer_v"].shape == (BOTTLENECK, OUT)
   assert params["last_layer_g"].shape == (OUT,)
@@ -80,7 +81,7 @@ def test_parameter_names_and_init():
 
 
 def test_norm_last_layer_fixes_gain_at_one():
-  head = models.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK,
+  head = head_lib.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK,
                          norm_last_layer=True, rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(head, nnx.Param))
   assert "last_layer_g" not in params and "last_layer_v" in params
@@ -116,8 +117,8 @@ def test_build_model_reads_the_config():
   config = tiny_model_config()
   config.compute_dtype = "bfloat16"
   # eval_shape: the structure without compiling every initialiser (and as the trainer plans).
-  model = nnx.eval_shape(lambda: models.build_model(config, img_size=16, rngs=nnx.Rngs(0)))
-  assert isinstance(model, models.DinoModel)
+  model = nnx.eval_shape(lambda: dino.build_model(config, img_size=16, rngs=nnx.Rngs(0)))
+  assert isinstance(model, dino.DinoModel)
   assert model.backbone.size == vit.ViTSize(dim=32, depth=2, num_heads=4, patch_size=4)
   assert model.backbone.pos_embed.shape == (1, 17, 32)
   assert [b.drop_path_rate for b in model.backbone.blocks] == pytest.approx([0.0, 0.1])
@@ -130,11 +131,11 @@ def test_build_model_reads_the_config():
 def test_dino_model_call_under_jit():
   backbone_shapes = nnx.eval_shape(lambda: vit.VisionTransformer(
       None, img_size=16, dim=IN, depth=2, num_heads=4, patch_size=4, rngs=nnx.Rngs(0)))
-  flat = vit._flatten(nnx.to_pure_dict(nnx.state(backbone_shapes)))
+  flat = torch_names.flatten(nnx.to_pure_dict(nnx.state(backbone_shapes)))
   rng = np.random.default_rng(0)
-  backbone_sd = {vit._torch_name(path): 0.2 * rng.standard_normal(vit._torch_shape(path, v.shape))
+  backbone_sd = {torch_names.torch_name(path): 0.2 * rng.standard_normal(torch_names.torch_shape(path, v.shape))
                  for path, v in flat.items()}
-  model = models.DinoModel(vit.from_torch_state_dict(backbone_sd, None, **dict(
+  model = dino.DinoModel(vit.from_torch_state_dict(backbone_sd, None, **dict(
       dim=IN, depth=2, num_heads=4, patch_size=4)),
       head_lib.head_from_torch_state_dict(random_head_weights()))
   images = jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32)
@@ -149,8 +150,8 @@ def test_build_model_rejects_unknown_dtype_and_variant():
   config = tiny_model_config()
   config.compute_dtype = "float16"
   with pytest.raises(ValueError, match="compute_dtype"):
-    models.build_model(config, img_size=16, rngs=nnx.Rngs(0))
+    dino.build_model(config, img_size=16, rngs=nnx.Rngs(0))
   config = config_base.get_base_config().model
   config.variant = "L/16"
   with pytest.raises(ValueError, match="'L/16'"):
-    models.build_model(config, img_size=224, rngs=nnx.Rngs(0))
+    dino.build_model(config, img_size=224, rngs=nnx.Rngs(0))

@@ -21,10 +21,14 @@ import pytest
 from dora_jax import checkpoints
 from dora_jax import metrics
 from dora_jax import sharding
+from dora_jax import preflight
+from dora_jax import pretrained
 from dora_jax import train
-from dora_jax.data import pipeline
+from dora_jax import train_step
 from dora_jax.data import synthetic
 
+# Seconds-valued metrics: they differ between two runs of the same steps.
+TIMING_METRICS = ("step_time", "frames_per_second")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
@@ -177,9 +181,9 @@ def straight_run(launched):
 def _final_state(workdir, config):
   manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=10)
   step = manager.latest_step()
-  num_clips = pipeline.num_clips(train.data_config_for(config, workdir))
-  steps_per_epoch, total_steps = train.schedule_length(config, num_clips)
-  _, abstract = train.abstract_train_state(
+  num_clips = preflight.prepare_data(config, workdir)[1].num_clips
+  steps_per_epoch, total_steps = preflight.schedule_length(config, num_clips)
+  _, abstract = train_step.abstract_train_state(
       config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   mesh = sharding.make_mesh(config.mesh)
   abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
@@ -189,7 +193,7 @@ def _final_state(workdir, config):
 
 
 def _without_timing(rows):
-  return [{k: v for k, v in row.items() if k not in train.TIMING_METRICS} for row in rows]
+  return [{k: v for k, v in row.items() if k not in TIMING_METRICS} for row in rows]
 
 
 def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tmp_path):
@@ -257,8 +261,8 @@ def test_overrides_reach_the_step(data_dir, straight_run):
   """optim.base_lr (numeric) and dora.mask_mode (string) came from the command line."""
   rows = metrics.read_metrics(straight_run)
   config = _config(data_dir, **RUN)
-  steps_per_epoch, total_steps = train.schedule_length(
-      config, pipeline.num_clips(train.data_config_for(config, straight_run)))
+  steps_per_epoch, total_steps = preflight.schedule_length(
+      config, preflight.prepare_data(config, straight_run)[1].num_clips)
   # The recipe's schedule, in float64: linear warm-up to base_lr * batch / 256, cosine to min_lr.
   peak, warmup = BASE_LR * TINY["batch_size"] / 256, round(TINY["optim.warmup_epochs"] * steps_per_epoch)
   index = np.arange(total_steps, dtype=np.float64)  # The update that logged step i + 1.
@@ -298,7 +302,7 @@ def test_dino_baseline_runs_the_same_loop_without_tracking(data_dir, dino_run):
   assert "8" in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
   # The run's mesh was 2 x 2 and its larger arrays were split over 'fsdp'.
   config = _config(data_dir, **FSDP)
-  _, abstract = train.abstract_train_state(config, steps_per_epoch=9, total_steps=16)
+  _, abstract = train_step.abstract_train_state(config, steps_per_epoch=9, total_steps=16)
   mesh = sharding.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
   specs = [s.spec for s in jax.tree.leaves(
@@ -337,7 +341,7 @@ def test_bad_input_is_one_line_before_anything(data_dir, tmp_path, overrides, me
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
   before = _tree(str(workdir))
-  with pytest.raises(train.ConfigError, match=message) as error:
+  with pytest.raises(preflight.ConfigError, match=message) as error:
     train.train_and_evaluate(_config(data_dir, **overrides), str(workdir))
   assert "\n" not in str(error.value)
   assert _tree(str(workdir)) == before
@@ -346,14 +350,14 @@ def test_bad_input_is_one_line_before_anything(data_dir, tmp_path, overrides, me
 def test_data_folder_without_manifest(tmp_path):
   (tmp_path / "empty").mkdir()
   config = _config(str(tmp_path / "empty"))
-  with pytest.raises(train.ConfigError, match="manifest"):
+  with pytest.raises(preflight.ConfigError, match="manifest"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
 def test_unwritable_workdir(data_dir, tmp_path):
   (tmp_path / "file").write_text("")  # Not a folder: nothing can be created below it, even by root.
-  with pytest.raises(train.ConfigError, match="is not writable"):
+  with pytest.raises(preflight.ConfigError, match="is not writable"):
     train.train_and_evaluate(_config(data_dir), str(tmp_path / "file" / "run"))
   assert _tree(str(tmp_path)) == [("file", 0)]
 
@@ -383,7 +387,7 @@ def test_load_backbone_gives_the_trained_teacher(data_dir, straight_run):
 
   config = _config(data_dir, **RUN)
   _, state, _ = _final_state(straight_run, config)
-  backbone = checkpoints.load_backbone(straight_run)
+  backbone = pretrained.load_backbone(straight_run)
   # Its weights are the teacher's of the last checkpoint, bitwise.
   teacher = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
              for path, leaf in jax.tree_util.tree_flatten_with_path(state["teacher"])[0]}
@@ -399,9 +403,9 @@ def test_load_backbone_gives_the_trained_teacher(data_dir, straight_run):
     assert out["cls"].shape == (2, TINY["model.dim"])
     assert out["tokens"].shape == (2, patches, TINY["model.dim"])
   # A checkpoints/STEP folder of the run works too; a wrong path is an error, never a fallback.
-  assert checkpoints.load_backbone(os.path.join(straight_run, "checkpoints", "8")) is not None
+  assert pretrained.load_backbone(os.path.join(straight_run, "checkpoints", "8")) is not None
   with pytest.raises(FileNotFoundError, match="not a dora-train work folder"):
-    checkpoints.load_backbone(os.path.join(straight_run, "checkpoints"))
+    pretrained.load_backbone(os.path.join(straight_run, "checkpoints"))
 
 
 @pytest.mark.skipif(not os.environ.get("DORA_SLOW_TESTS"),

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dora_jax import config_base
-from dora_jax import losses
+from conftest import make_tiny_config
 from dora_jax import schedules
 from dora_jax import train_step
 
@@ -14,28 +13,18 @@ TOTAL_STEPS = 100
 
 
 def tiny_config(**dora):
-  config = config_base.get_base_config()
-  config.model.dim = 32
-  config.model.depth = 2
-  config.model.num_heads = 4
-  config.model.patch_size = 8
-  config.model.out_dim = 64
-  config.model.head_hidden_dim = 32
-  config.model.head_bottleneck_dim = 16
-  config.model.drop_path_rate = 0.1
-  config.data.global_size = 32
-  config.data.local_size = 16
-  config.data.frames_per_clip = 2
-  config.data.num_local_crops = 2
-  config.batch_size = 2
-  config.optim.base_lr = 0.05  # peak lr 4e-4 at batch 2
-  config.optim.warmup_epochs = 0
-  config.optim.freeze_last_layer_epochs = 1
-  # A frozen centre keeps the target fixed on a repeated batch, so the loss measures only how
-  # well the student matches the teacher (a moving centre flattens the targets there).
-  config.loss.center_momentum = 1.0
-  config.loss.warmup_teacher_temp_epochs = 0
-  config.dora.num_objects = 2
+  """The shared tiny config (conftest.py) with a fixed centre and a 2-clip batch."""
+  config = make_tiny_config(**{
+      "model.drop_path_rate": 0.1,
+      "batch_size": 2,
+      "optim.base_lr": 0.05,  # peak lr 4e-4 at batch 2
+      "optim.warmup_epochs": 0,
+      "optim.freeze_last_layer_epochs": 1,
+      # A frozen centre keeps the target fixed on a repeated batch, so the loss measures only
+      # how well the student matches the teacher (a moving centre flattens the targets there).
+      "loss.center_momentum": 1.0,
+      "loss.warmup_teacher_temp_epochs": 0,
+  })
   config.dora.update(dora)
   return config
 
@@ -113,7 +102,7 @@ def test_no_gradient_reaches_the_teacher(dora_run):
   batch = tiny_batch(3)
 
   def loss_of(params, teacher_params):
-    loss, _ = train_step.compute_loss(config, graphdef, params, teacher_params,
+    loss, _ = train_step.compute_loss(config, train_step.dora_options(config), graphdef, params, teacher_params,
                                       state["constants"], state["center"], batch,
                                       jnp.float32(0.04), jax.random.PRNGKey(5))
     return loss
@@ -185,77 +174,10 @@ def test_visualize_fn_shapes(dora_run):
   assert out["masked_views"].shape == (2, 1, 32, 32, 3)
 
 
-def test_bad_batches_and_configs_raise_at_trace_time(dora_run):
+def test_bad_batches_raise_at_trace_time_and_bad_options_before(dora_run):
   config, _, state, step = dora_run
-  with pytest.raises(ValueError, match="T >= 2"):
-    step(state, tiny_batch(frames=1))
   with pytest.raises(ValueError, match=r"batch\['frames'\]"):
     step(state, {"frames": jnp.zeros((2, 2, 32, 32), jnp.uint8)})
   too_many = tiny_config(num_objects=5)  # the tiny ViT has 4 heads
-  _, state, step = setup(too_many)
-  with pytest.raises(ValueError, match="num_objects"):
-    step(state, tiny_batch())
-
-
-def test_object_overlap_is_the_mean_pairwise_iou():
-  rng = np.random.default_rng(8)
-  masks = rng.random((2, 3, 3, 4, 5)) > 0.5  # (B, T, k, H, W)
-  ious = []
-  for b in range(2):
-    for t in range(3):
-      for i in range(3):
-        for j in range(i + 1, 3):
-          a, c = masks[b, t, i], masks[b, t, j]
-          ious.append(np.logical_and(a, c).sum() / max(np.logical_or(a, c).sum(), 1))
-  np.testing.assert_allclose(float(train_step.object_overlap(jnp.asarray(masks))), np.mean(ious),
-                             rtol=1e-6)
-  same = np.repeat(masks[:, :, :1], 3, axis=2)
-  assert float(train_step.object_overlap(jnp.asarray(same))) == pytest.approx(1.0)
-
-
-def test_dino_loss_matches_hand_computation():
-  teacher_logits = np.array([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # (B=1, T=2, K=3)
-  center = np.array([0.1, 0.0, -0.1])
-  masked = np.array([[[[0.2, 0.1, 0.0]], [[0.0, 0.3, 0.1]]]])  # (1, 2, V=1, 3)
-  local = np.array([[[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-                     [[0.0, 0.0, 1.0], [0.5, 0.0, 0.5]]]])  # (1, 2, M=2, 3)
-
-  def softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-  targets = softmax((teacher_logits - center) / 0.04)
-  ce = lambda q, s: -np.sum(q * np.log(softmax(s / 0.1)), -1)
-  expected = np.mean([0.5 * ce(targets[0, t], masked[0, t, 0])
-                      + 0.5 * np.mean([ce(targets[0, t], local[0, t, m]) for m in range(2)])
-                      for t in range(2)])
-  probs = losses.teacher_targets(jnp.asarray(teacher_logits), jnp.asarray(center), 0.04)
-  got = losses.dino_loss(probs, jnp.asarray(masked), jnp.asarray(local), student_temp=0.1)
-  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
-  only_masked = losses.dino_loss(probs, jnp.asarray(masked), None, student_temp=0.1)
-  np.testing.assert_allclose(float(only_masked), np.mean([ce(targets[0, t], masked[0, t, 0])
-                                                          for t in range(2)]), rtol=1e-5)
-  new_center = losses.update_center(jnp.asarray(center), jnp.asarray(teacher_logits), 0.9)
-  np.testing.assert_allclose(np.asarray(new_center),
-                             0.9 * center + 0.1 * teacher_logits.reshape(-1, 3).mean(0), rtol=1e-6)
-
-
-def test_schedules_follow_the_recipe():
-  config = config_base.get_base_config()
-  config.batch_size = 512
-  schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=1000)
-  peak = 5e-4 * 512 / 256
-  assert float(schedule.learning_rate(0)) == 0.0
-  np.testing.assert_allclose(float(schedule.learning_rate(100)), peak, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule.learning_rate(1000)), 1e-5, rtol=1e-5)
-  np.testing.assert_allclose(float(schedule.weight_decay(0)), 0.04, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule.weight_decay(1000)), 0.4, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule.teacher_momentum(0)), 0.996, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule.teacher_momentum(1000)), 1.0, rtol=1e-6)
-  assert float(schedule.teacher_temp(0)) == pytest.approx(0.04)
-  config.loss.warmup_teacher_temp = 0.02
-  config.loss.teacher_temp = 0.07
-  schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=1000)
-  assert float(schedule.teacher_temp(5)) == pytest.approx(0.02)  # epoch 0
-  assert float(schedule.teacher_temp(290)) == pytest.approx(0.07)  # epoch 29 = warm-up end
-  assert float(schedule.teacher_temp(999)) == pytest.approx(0.07)
+  with pytest.raises(ValueError, match="dora.num_objects=5"):
+    setup(too_many)

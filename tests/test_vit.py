@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import special
 
+from dora_jax.models import layers
+from dora_jax.models import torch_names
 from dora_jax.models import vit
 
 DIM, DEPTH, HEADS, PATCH, IMG = 32, 2, 4, 4, 16
@@ -225,7 +227,7 @@ def test_round_trip_to_torch_and_back():
 
 def test_init_matches_dino():
   # DINO: trunc_normal_(std=.02) for cls_token, pos_embed and Linear weights.
-  sample = vit._trunc_normal_init()(jax.random.key(0), (64, 64))
+  sample = layers.trunc_normal_init()(jax.random.key(0), (64, 64))
   assert abs(float(jnp.std(sample)) - 0.02) < 0.001
 
 
@@ -237,7 +239,7 @@ def test_variants_and_parameter_layout():
     vit.parse_variant("S/14")
   abstract = nnx.eval_shape(lambda: vit.VisionTransformer("S/16", rngs=nnx.Rngs(0)))
   _, state = nnx.split(abstract)
-  flat = vit._flatten(nnx.to_pure_dict(state))
+  flat = torch_names.flatten(nnx.to_pure_dict(state))
   assert flat[("blocks", 11, "attn", "qkv", "kernel")].shape == (384, 3 * 384)
   assert flat[("pos_embed",)].shape == (1, 197, 384)
   assert flat[("cls_token",)].shape == (1, 1, 384)

@@ -5,7 +5,7 @@ Modules:
   convert    `dora-convert`: videos -> shards + manifest.json (resumable).
   synthetic  a synthetic walking tour with ground-truth object masks (tests, demo, evaluation).
   source     random access to stored frames and clips (the grain data source).
-  views      the clip views of DESIGN.md step 1, with numpy/PIL.
+  views      the clip views of docs/DESIGN.md step 1, with numpy/PIL.
   pipeline   `validate`, `num_clips`, `make_train_iterator`: the grain pipeline.
 
 Nothing in this package imports jax: grain's worker processes load it.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 import re
 import sys
@@ -32,10 +31,9 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import tfrecord
 
-MANIFEST = "manifest.json"
-FORMAT = "dora_jax.frames/1"  # Manifest format tag: a manifest without it is another dataset's.
 
 
 class ConversionError(Exception):
@@ -68,28 +66,12 @@ def video_id_for(path: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "video"
 
 
-def load_manifest(out_dir: str) -> dict[str, Any] | None:
+def _read_manifest(out_dir: str) -> dict[str, Any] | None:
   """The manifest in `out_dir`, None when there is none; an error if it is another dataset's."""
-  path = os.path.join(out_dir, MANIFEST)
-  if not os.path.exists(path):
-    return None
   try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConversionError(f"'{path}' is not a readable JSON manifest ({e}); "
-                          "use another --out folder") from None
-  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise ConversionError(f"'{path}' is another dataset's manifest (no format '{FORMAT}'); "
-                          "use another --out folder")
-  return manifest
-
-
-def save_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
-  path = os.path.join(out_dir, MANIFEST)
-  with open(path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(path + ".tmp", path)
+    return manifest_lib.read(out_dir)
+  except ValueError as e:
+    raise ConversionError(f"{e}; use another --out folder") from None
 
 
 def _open_video(path: str):
@@ -192,7 +174,7 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
       entry = None
     else:
       raise ConversionError(
-          f"video id '{video_id}' of '{path}' is already in '{os.path.join(out_dir, MANIFEST)}' "
+          f"video id '{video_id}' of '{path}' is already in '{manifest_lib.path_of(out_dir)}' "
           f"from '{entry['source']}' ({entry['source_bytes']} bytes); rename the file or use "
           "another --out folder")
   if entry is not None and entry["complete"]:
@@ -236,7 +218,7 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
           "file": shard_name, "num_records": len(writer.offsets), "first_frame_index": first_index,
           "last_frame_index": last_index, "counts_after": {k: entry[k] for k in counts}})
       entry["num_frames"] = entry["frames_kept"]
-      save_manifest(out_dir, manifest)
+      manifest_lib.save(out_dir, manifest)
       writer = None
 
     frame_index, last_kept = -1, resume_after
@@ -299,7 +281,7 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
           f"(--blank-threshold {options.blank_threshold}); nothing to store")
     entry["num_frames"] = entry["frames_kept"]
     entry["complete"] = True
-    save_manifest(out_dir, manifest)
+    manifest_lib.save(out_dir, manifest)
     return entry
   finally:
     container.close()
@@ -321,13 +303,13 @@ def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: 
   if not videos:
     raise ConversionError("no videos given")
   os.makedirs(out_dir, exist_ok=True)
-  manifest = load_manifest(out_dir)
+  manifest = _read_manifest(out_dir)
   wanted = dataclasses.asdict(options)
   if manifest is None:
-    manifest = {"format": FORMAT, "options": wanted, "videos": []}
+    manifest = {"format": manifest_lib.FORMAT, "options": wanted, "videos": []}
   elif manifest.get("options") != wanted:
     raise ConversionError(
-        f"'{os.path.join(out_dir, MANIFEST)}' was written with options {manifest.get('options')}, "
+        f"'{manifest_lib.path_of(out_dir)}' was written with options {manifest.get('options')}, "
         f"not {wanted}; use the same options or another --out folder")
   for name in os.listdir(out_dir):  # Leftovers of an interrupted run.
     if name.endswith(".tmp") or name.endswith(".tmp" + tfrecord.INDEX_SUFFIX):
@@ -354,7 +336,7 @@ def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: 
         failures.append(str(e))
   finally:
     bar.close()
-  save_manifest(out_dir, manifest)
+  manifest_lib.save(out_dir, manifest)
   if failures:
     if errors is None:
       raise ConversionError(failures[0] + (f" (and {len(failures) - 1} more)"

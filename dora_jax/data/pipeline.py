@@ -7,7 +7,7 @@
       [process_index::process_count]   this host's share: hosts see disjoint clips
       .to_iter_dataset(threads)        data.num_threads per process overlap clips
       .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax)
-      .batch(global_batch_size // process_count)
+      .batch(batch_size)               this host's batch (the global batch / process_count)
 
 Every random choice is a function of (seed, position in the global stream), so the same seed
 gives the same batches whatever data.num_workers is, and the iterator state (a small JSON dict:
@@ -15,56 +15,64 @@ positions per worker) restores exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grain
 import numpy as np
 
+from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import source as source_lib
 from dora_jax.data import views as views_lib
 
 
-def _stored_frames_text(video: dict[str, Any]) -> str:
-  return f"{video['width']}x{video['height']} (video '{video['id']}')"
+@dataclasses.dataclass(frozen=True)
+class ClipPlan:
+  """Which clips a run trains on: computed once per start by `plan_clips`, then passed on.
+
+  Attributes:
+    data_dir: the folder `dora-convert` wrote.
+    videos: the manifest entries of the selected videos, in order.
+    index: clip j -> (video number, stored frame numbers); `index.span` stored frames per clip.
+  """
+  data_dir: str
+  videos: tuple[dict[str, Any], ...]
+  index: source_lib.ClipIndex
+
+  @property
+  def num_clips(self) -> int:
+    """Clips in one epoch: valid clip starts summed over the selected videos."""
+    return len(self.index)
 
 
-def validate(data_config: Any, *, num_frames_needed: int | None = None) -> dict[str, Any]:
-  """Checks the data config against the converted data before anything is compiled.
-
-  Args:
-    data_config: the `data` section of the config.
-    num_frames_needed: frames per clip the model needs at least (default 2: an anchor and a
-      target).
-
-  Returns:
-    The manifest dict of data.dir.
+def plan_clips(data_config: Any) -> ClipPlan:
+  """Reads the manifest of `data.dir` once and checks the data config against it.
 
   Raises:
-    ValueError: one line naming the folder or key that is wrong and what to do.
+    ValueError: one line naming the folder or `data.*` key that is wrong and what to do.
   """
   data_dir = str(data_config.dir)
-  manifest = source_lib.load_manifest(data_dir)
-  videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
+  videos = manifest_lib.select_videos(manifest_lib.load(data_dir), tuple(data_config.video_ids),
+                                      data_dir, int(data_config.get("num_videos", 0)))
   frames_per_clip, stride = data_config.frames_per_clip, data_config.frame_stride
-  needed = max(2, int(num_frames_needed or 2))
-  if not isinstance(frames_per_clip, (int, np.integer)) or frames_per_clip < needed:
-    raise ValueError(f"data.frames_per_clip must be an integer >= {needed} (an anchor and "
-                     f"targets), got {frames_per_clip!r}")
+  if not isinstance(frames_per_clip, (int, np.integer)) or frames_per_clip < 1:
+    raise ValueError(f"data.frames_per_clip must be an integer >= 1, got {frames_per_clip!r}")
   if not isinstance(stride, (int, np.integer)) or stride < 1:
     raise ValueError(f"data.frame_stride must be an integer >= 1, got {stride!r}")
-  span = (frames_per_clip - 1) * stride + 1
+  index = source_lib.ClipIndex(tuple(int(v["num_frames"]) for v in videos), int(frames_per_clip),
+                               int(stride))
   longest = max(videos, key=lambda v: v["num_frames"])
-  if span > longest["num_frames"]:
+  if index.span > longest["num_frames"]:
     raise ValueError(
-        f"data.frames_per_clip={frames_per_clip} at data.frame_stride={stride} spans {span} "
-        f"stored frames, but the longest video in '{data_dir}' ('{longest['id']}') has "
-        f"{longest['num_frames']}; lower data.frames_per_clip or data.frame_stride")
+        f"data.frames_per_clip={frames_per_clip} at data.frame_stride={stride} spans "
+        f"{index.span} stored frames, but the longest video in '{data_dir}' ('{longest['id']}') "
+        f"has {longest['num_frames']}; lower data.frames_per_clip or data.frame_stride")
   smallest = min(videos, key=lambda v: min(v["height"], v["width"]))
   if data_config.global_pre_size > min(smallest["height"], smallest["width"]):
     raise ValueError(
         f"data.global_pre_size={data_config.global_pre_size} is larger than the stored frames "
-        f"{_stored_frames_text(smallest)}; lower it or re-run dora-convert with a larger "
-        "--short-side")
+        f"{smallest['width']}x{smallest['height']} (video '{smallest['id']}'); lower it or "
+        "re-run dora-convert with a larger --short-side")
   for key in ("global_size", "local_size"):
     if not 0 < data_config[key] <= data_config.global_pre_size:
       raise ValueError(f"data.{key}={data_config[key]} must be in (0, data.global_pre_size="
@@ -82,32 +90,19 @@ def validate(data_config: Any, *, num_frames_needed: int | None = None) -> dict[
       raise ValueError(f"data.{key}={data_config[key]} must be a probability in [0, 1]")
   if data_config.num_workers < 0:
     raise ValueError(f"data.num_workers must be >= 0, got {data_config.num_workers}")
-  if data_config.get("num_threads", 1) < 1:
+  if data_config.num_threads < 1:
     raise ValueError(f"data.num_threads must be >= 1, got {data_config.num_threads}")
-  return manifest
+  return ClipPlan(data_dir, tuple(videos), index)
 
 
-def num_clips(data_config: Any) -> int:
-  """Clips in one epoch: valid clip starts summed over the selected videos."""
-  data_dir = str(data_config.dir)
-  manifest = source_lib.load_manifest(data_dir)
-  videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
-  index = source_lib.ClipIndex(tuple(int(v["num_frames"]) for v in videos),
-                               int(data_config.frames_per_clip), int(data_config.frame_stride))
-  return len(index)
-
-
-def make_dataset(data_config: Any, *, seed: int, process_index: int = 0, process_count: int = 1,
-                 with_clip_ids: bool = False) -> grain.MapDataset:
+def make_dataset(plan: ClipPlan, data_config: Any, *, seed: int, process_index: int = 0,
+                 process_count: int = 1, with_clip_ids: bool = False) -> grain.MapDataset:
   """This host's endless MapDataset of clip views (unbatched), {'frames', 'crops'} per clip.
 
   With `with_clip_ids` each element also has 'video' and 'frames' (see `views.ClipViews`).
   """
-  manifest = validate(data_config)
-  data_dir = str(data_config.dir)
-  videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
-  clips = source_lib.ClipSource(data_dir, videos, int(data_config.frames_per_clip),
-                                int(data_config.frame_stride))
+  clips = source_lib.ClipSource(plan.data_dir, plan.videos, plan.index.frames_per_clip,
+                                plan.index.frame_stride)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if not 0 <= process_index < process_count:
@@ -119,23 +114,25 @@ def make_dataset(data_config: Any, *, seed: int, process_index: int = 0, process
   return dataset[process_index::process_count]
 
 
-def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
+def make_train_iterator(plan: ClipPlan, data_config: Any, *, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1):
   """An endless iterator of this host's batches (see the module docstring).
 
-  Yields {'frames': uint8 (B, T, S, S, 3), 'crops': uint8 (B, T, M, s, s, 3)} with
-  B = global_batch_size // process_count ('crops' absent when data.num_local_crops == 0).
-  The iterator has `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
+  Args:
+    plan: from `plan_clips`.
+    data_config: the `data` section (views, workers, threads, prefetch).
+    batch_size: clips per batch of THIS process (the global batch / process_count).
+    seed, process_index, process_count: the global stream and this host's share of it.
+
+  Yields {'frames': uint8 (B, T, S, S, 3), 'crops': uint8 (B, T, M, s, s, 3)} with B =
+  batch_size ('crops' absent when data.num_local_crops == 0). The iterator has
+  `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
   """
-  if global_batch_size % process_count:
-    raise ValueError(f"batch_size={global_batch_size} must be divisible by the process count "
-                     f"{process_count}")
-  batch_size = global_batch_size // process_count
-  dataset = make_dataset(data_config, seed=seed, process_index=process_index,
+  dataset = make_dataset(plan, data_config, seed=seed, process_index=process_index,
                          process_count=process_count)
   num_workers = int(data_config.num_workers)
   buffer = int(data_config.prefetch_buffer_size)
-  threads = int(data_config.get("num_threads", 2))  # Absent in configs older than the key.
+  threads = int(data_config.num_threads)
   # Clips, not batches, cross from the workers (worker w makes clips w, w + W, ... and they are
   # interleaved back in order), so batch k holds the same clips whatever data.num_workers is, and
   # a worker holds a few clips, not whole batches, in memory. Batching happens here.

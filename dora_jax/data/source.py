@@ -11,59 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
 from dora_jax.data import tfrecord
-
-MANIFEST = "manifest.json"
-
-
-def load_manifest(data_dir: str) -> dict[str, Any]:
-  """`data_dir/manifest.json`, or a ValueError telling to run dora-convert."""
-  path = os.path.join(data_dir, MANIFEST)
-  if not data_dir or not os.path.isdir(data_dir):
-    raise ValueError(f"data.dir '{data_dir}' is not a folder; run `dora-convert VIDEO --out DIR` "
-                     "and set data.dir=DIR")
-  if not os.path.exists(path):
-    raise ValueError(f"data.dir '{data_dir}' has no {MANIFEST}; run `dora-convert VIDEO --out "
-                     f"{data_dir}` first")
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except ValueError as e:
-    raise ValueError(f"'{path}' is not valid JSON ({e}); re-run dora-convert") from None
-  if not isinstance(manifest, dict) or "videos" not in manifest:
-    raise ValueError(f"'{path}' is not a dora-convert manifest; re-run dora-convert")
-  return manifest
-
-
-def select_videos(manifest: dict[str, Any], video_ids: Sequence[str],
-                  data_dir: str = "?") -> list[dict[str, Any]]:
-  """The manifest entries of `video_ids` (all complete videos when empty), in that order."""
-  by_id = {v["id"]: v for v in manifest["videos"]}
-  if isinstance(video_ids, str):
-    video_ids = (video_ids,) if video_ids else ()
-  if not video_ids:
-    videos = [v for v in manifest["videos"] if v.get("complete")]
-    if not videos:
-      raise ValueError(f"'{os.path.join(data_dir, MANIFEST)}' has no completely converted video; "
-                       "re-run dora-convert")
-    return videos
-  videos = []
-  for video_id in video_ids:
-    if video_id not in by_id:
-      raise ValueError(f"data.video_ids: '{video_id}' is not in "
-                       f"'{os.path.join(data_dir, MANIFEST)}' (it has {sorted(by_id)})")
-    if not by_id[video_id].get("complete"):
-      raise ValueError(f"data.video_ids: video '{video_id}' in '{data_dir}' is not completely "
-                       "converted; re-run dora-convert")
-    videos.append(by_id[video_id])
-  return videos
-
 
 class FrameStore:
   """Stored frames of some videos, by (video number, frame number), through the offset indexes."""
@@ -94,11 +47,6 @@ class FrameStore:
                        f"({starts[-1]} frames)")
     shard = int(np.searchsorted(starts, frame, side="right")) - 1
     return self._shards[video][shard], frame - int(starts[shard])
-
-  def read(self, video: int, frame: int) -> bytes:
-    """The serialised tf.train.Example of stored frame `frame` of video number `video`."""
-    reader, record = self._locate(video, frame)
-    return reader.read(record)
 
   def read_frame(self, video: int, frame: int) -> dict[str, Any]:
     """The decoded features of the frame record (see `tfrecord.FRAME_FEATURES`)."""

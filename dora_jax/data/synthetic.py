@@ -227,6 +227,7 @@ def ensure_demo_data(root: str, *, short_side: int = 180, quality: int = 90,
 def _ensure_demo_data_locked(root: str, spec: dict[str, Any], short_side: int, quality: int,
                              frames_per_shard: int) -> str:
   from dora_jax.data import convert as convert_lib  # pylint: disable=g-import-not-at-top
+  from dora_jax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
 
   video = os.path.join(root, "walking_tour.mp4")
   data_dir = os.path.join(root, "shards")
@@ -237,11 +238,12 @@ def _ensure_demo_data_locked(root: str, spec: dict[str, Any], short_side: int, q
   if os.path.exists(spec_path):
     with open(spec_path) as f:
       previous = json.load(f)
-  manifest_path = os.path.join(data_dir, "manifest.json")
-  if previous == wanted and os.path.exists(video) and os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-    if manifest.get("videos") and all(v.get("complete") for v in manifest["videos"]):
+  if previous == wanted and os.path.exists(video):
+    try:
+      complete = manifest_lib.all_complete(manifest_lib.read(data_dir))
+    except ValueError:  # A damaged manifest: convert again.
+      complete = False
+    if complete:
       return data_dir
   if previous != wanted:  # Another spec: start over rather than mix two datasets.
     shutil.rmtree(data_dir, ignore_errors=True)

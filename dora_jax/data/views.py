@@ -1,4 +1,4 @@
-"""The views of a clip (DESIGN.md step 1), with numpy/PIL, driven only by the rng grain hands in.
+"""The views of a clip (docs/DESIGN.md step 1), with numpy/PIL, driven only by the rng grain hands in.
 
 Per clip: one random-resized "pre" crop box (data.global_pre_scale of the frame area, conceptually
 resized to data.global_pre_size), inside it one global box (data.global_scale of the pre-crop) and

@@ -1,77 +1,8 @@
-"""Models: the ViT backbone, the DINO head, and the two together as built from `config.model`.
+"""Models (Flax NNX), one per module.
 
-  vit    `VisionTransformer`, `VARIANTS`, `from_torch_state_dict`, `to_torch_state_dict`.
-  head   `DINOHead`, `head_from_torch_state_dict`, `head_to_torch_state_dict`.
+  vit          `VisionTransformer` (the backbone), `VARIANTS`, PyTorch weight import/export.
+  head         `DINOHead`, the projection head, PyTorch weight import/export.
+  dino         `DinoModel` (backbone + head: the student and the teacher), `build_model`.
+  layers       initialisers shared by both.
+  torch_names  DINO's PyTorch weight names <-> our parameter paths.
 """
-from __future__ import annotations
-
-from typing import Any
-
-from flax import nnx
-import jax
-import jax.numpy as jnp
-
-from dora_jax.models.head import DINOHead
-from dora_jax.models.head import head_from_torch_state_dict
-from dora_jax.models.head import head_to_torch_state_dict
-from dora_jax.models.vit import from_torch_state_dict
-from dora_jax.models.vit import parse_variant
-from dora_jax.models.vit import to_torch_state_dict
-from dora_jax.models.vit import VARIANTS
-from dora_jax.models.vit import VisionTransformer
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class DinoModel(nnx.Module):
-  """Backbone + DINO head: the student (and, as an EMA copy, the teacher)."""
-
-  def __init__(self, backbone: VisionTransformer, head: DINOHead):
-    self.backbone = backbone
-    self.head = head
-
-  def __call__(self, images: jax.Array, *, drop_path_rng: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """images (B, H, W, 3) -> head logits (B, out_dim) of the [CLS] token, and the backbone's
-    output dict (`cls`, `tokens`, `attn`, `q`, `k`; see `VisionTransformer.__call__`)."""
-    out = self.backbone(images, drop_path_rng=drop_path_rng)
-    return self.head(out["cls"]), out
-
-
-def compute_dtype(name: str) -> Any:
-  """"float32" / "bfloat16" (config.model.compute_dtype) -> the jnp dtype."""
-  if name not in COMPUTE_DTYPES:
-    raise ValueError(
-        f"config.model.compute_dtype is {name!r}; expected one of {sorted(COMPUTE_DTYPES)}.")
-  return COMPUTE_DTYPES[name]
-
-
-def size_overrides(model_config) -> dict[str, int]:
-  """The `dim`/`depth`/`num_heads`/`patch_size` keys of `config.model` that override the variant
-  (absent, None or 0 keep the variant's value)."""
-  keys = ("dim", "depth", "num_heads", "patch_size")
-  return {key: model_config.get(key) for key in keys if model_config.get(key)}
-
-
-def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
-  """Builds the `DinoModel` described by `config.model` (see dora_jax/config_base.py).
-
-  Non-zero `dim`, `depth`, `num_heads` and `patch_size` override the variant's values, for
-  tiny test and demo models.
-  """
-  dtype = compute_dtype(model_config.compute_dtype)
-  backbone = VisionTransformer(
-      model_config.variant, img_size=img_size, drop_path_rate=model_config.drop_path_rate,
-      dtype=dtype, rngs=rngs, **size_overrides(model_config))
-  head = DINOHead(
-      backbone.size.dim, model_config.out_dim, hidden_dim=model_config.head_hidden_dim,
-      bottleneck_dim=model_config.head_bottleneck_dim, num_layers=model_config.head_layers,
-      norm_last_layer=model_config.norm_last_layer, dtype=dtype, rngs=rngs)
-  return DinoModel(backbone, head)
-
-
-__all__ = [
-    "COMPUTE_DTYPES", "DINOHead", "DinoModel", "VARIANTS", "VisionTransformer", "build_model",
-    "compute_dtype", "from_torch_state_dict", "size_overrides", "head_from_torch_state_dict",
-    "head_to_torch_state_dict", "parse_variant", "to_torch_state_dict",
-]

@@ -20,13 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dora_jax.models import layers
+from dora_jax.models import torch_names
+
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default.
-
-
-def _trunc_normal_init():
-  # DINO's trunc_normal_(std=.02, a=-2, b=2): the bounds are absolute, i.e. +-100 std, so the
-  # std stays 0.02 (jax's default bounds of +-2 std would shrink it to 0.0176).
-  return jax.nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
 
 class DINOHead(nnx.Module):
@@ -53,7 +50,7 @@ class DINOHead(nnx.Module):
     self.dtype = dtype
     widths = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
     self.mlp = nnx.List([
-        nnx.Linear(w_in, w_out, dtype=dtype, kernel_init=_trunc_normal_init(),
+        nnx.Linear(w_in, w_out, dtype=dtype, kernel_init=layers.trunc_normal_init(),
                    bias_init=jax.nn.initializers.zeros, rngs=rngs)
         for w_in, w_out in zip(widths[:-1], widths[1:])
     ])
@@ -90,34 +87,6 @@ class DINOHead(nnx.Module):
 
 # ---- PyTorch weights (DINO names, with or without `module.` / `head.` prefixes). ----
 
-# Weight-norm gain and direction under the old (`weight_g`, `weight_v`) and the
-# torch.nn.utils.parametrizations (`original0`, `original1`) names.
-_GAIN_NAMES = ("last_layer.weight_g", "last_layer.parametrizations.weight.original0")
-_DIRECTION_NAMES = ("last_layer.weight_v", "last_layer.parametrizations.weight.original1")
-
-
-def _strip(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  pattern = re.compile(r"^(?:module\.|head\.)+")
-  out = {}
-  skipped = []
-  for name, value in state_dict.items():
-    short = pattern.sub("", name)
-    if short.startswith("backbone."):
-      skipped.append(name)
-      continue
-    if short in out:
-      raise ValueError(f"state_dict has two entries for head weight {short!r} (one is {name!r}).")
-    out[short] = np.asarray(value)
-  if skipped:
-    logging.info("head_from_torch_state_dict: ignoring %d backbone entries.", len(skipped))
-  return out
-
-
-def _linear_names(num_layers: int) -> list[str]:
-  # nn.Sequential(Linear, GELU, Linear, GELU, Linear): Linear i sits at index 2 i;
-  # a one-layer head is a bare nn.Linear called `mlp`.
-  return ["mlp"] if num_layers == 1 else [f"mlp.{2 * i}" for i in range(num_layers)]
-
 
 def head_from_torch_state_dict(state_dict: Mapping[str, Any], *, norm_last_layer: bool = False,
                                dtype: Any = jnp.float32) -> DINOHead:
@@ -133,14 +102,19 @@ def head_from_torch_state_dict(state_dict: Mapping[str, Any], *, norm_last_layer
   Raises:
     ValueError: naming missing, unexpected or mis-shaped weights.
   """
-  weights = _strip(state_dict)
-  gain_name = next((n for n in _GAIN_NAMES if n in weights), _GAIN_NAMES[0])
-  direction_name = next((n for n in _DIRECTION_NAMES if n in weights), _DIRECTION_NAMES[0])
+  weights = torch_names.strip_prefixes(state_dict, torch_names.HEAD_PREFIXES)
+  backbone_names = [name for name in weights if name.startswith("backbone.")]
+  if backbone_names:
+    logging.info("head_from_torch_state_dict: ignoring %d backbone entries.", len(backbone_names))
+  weights = {name: np.asarray(value) for name, value in weights.items()
+             if not name.startswith("backbone.")}
+  gain_name = next((n for n in torch_names.HEAD_GAIN_NAMES if n in weights), torch_names.HEAD_GAIN_NAMES[0])
+  direction_name = next((n for n in torch_names.HEAD_DIRECTION_NAMES if n in weights), torch_names.HEAD_DIRECTION_NAMES[0])
   if "mlp.weight" in weights:
     num_layers = 1
   else:
     num_layers = len([n for n in weights if re.fullmatch(r"mlp\.\d+\.weight", n)])
-  linears = _linear_names(max(num_layers, 1))
+  linears = torch_names.head_linear_names(max(num_layers, 1))
   expected = {gain_name, direction_name} | {f"{n}.{p}" for n in linears for p in ("weight", "bias")}
   missing = sorted(expected - set(weights))
   unexpected = sorted(set(weights) - expected)
@@ -188,7 +162,7 @@ def head_from_torch_state_dict(state_dict: Mapping[str, Any], *, norm_last_layer
 def head_to_torch_state_dict(head: DINOHead) -> dict[str, np.ndarray]:
   """The head's weights under DINO's names (no `head.` prefix), PyTorch layouts, float32."""
   out = {}
-  for name, layer in zip(_linear_names(len(head.mlp)), head.mlp):
+  for name, layer in zip(torch_names.head_linear_names(len(head.mlp)), head.mlp):
     out[f"{name}.weight"] = np.asarray(layer.kernel[...], np.float32).T
     out[f"{name}.bias"] = np.asarray(layer.bias[...], np.float32)
   v = np.asarray(head.last_layer_v[...], np.float32)

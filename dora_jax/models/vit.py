@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Mapping
 
 from absl import logging
@@ -25,8 +24,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dora_jax.models import layers
+from dora_jax.models import torch_names
+
+# ImageNet statistics, as the public DINO/DoRA weights expect their inputs normalised.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
 LAYER_NORM_EPS = 1e-6  # DINO: partial(nn.LayerNorm, eps=1e-6).
 MLP_RATIO = 4
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 pixels (..., 3) -> float32 normalised with the ImageNet mean and std."""
+  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)
+  std = jnp.asarray(PIXEL_STD, jnp.float32)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def denormalize_images(images: jax.Array) -> jax.Array:
+  """The inverse of `normalize_images`, as float32 in [0, 255] (not rounded)."""
+  return (images * jnp.asarray(PIXEL_STD, jnp.float32)
+          + jnp.asarray(PIXEL_MEAN, jnp.float32)) * 255.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,21 +99,6 @@ def resolve_size(variant: str | None = "S/16", *, dim: int | None = None,
   return size
 
 
-def _trunc_normal_init():
-  # DINO's trunc_normal_(std=.02, a=-2, b=2): the bounds are absolute, i.e. +-100 std, so the
-  # std stays 0.02 (jax's default bounds of +-2 std would shrink it to 0.0176).
-  return jax.nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
-
-
-def _torch_default_init(fan_in: int):
-  """PyTorch's default Conv/Linear init, U(+-1/sqrt(fan_in)) for weight and bias."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
 def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """Stochastic depth: zeroes whole residual branches per sample, scaling the rest by 1/keep.
 
@@ -115,7 +118,7 @@ def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def _linear(in_dim: int, out_dim: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(in_dim, out_dim, dtype=dtype, kernel_init=_trunc_normal_init(),
+  return nnx.Linear(in_dim, out_dim, dtype=dtype, kernel_init=layers.trunc_normal_init(),
                     bias_init=jax.nn.initializers.zeros, rngs=rngs)
 
 
@@ -258,11 +261,11 @@ class VisionTransformer(nnx.Module):
     fan_in = p * p * 3
     self.patch_embed = nnx.Conv(
         3, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=dtype,
-        kernel_init=_torch_default_init(fan_in), bias_init=_torch_default_init(fan_in),
+        kernel_init=layers.torch_default_init(fan_in), bias_init=layers.torch_default_init(fan_in),
         rngs=rngs)
     num_patches = (img_size // p) ** 2
-    self.cls_token = nnx.Param(_trunc_normal_init()(rngs.params(), (1, 1, d)))
-    self.pos_embed = nnx.Param(_trunc_normal_init()(rngs.params(), (1, num_patches + 1, d)))
+    self.cls_token = nnx.Param(layers.trunc_normal_init()(rngs.params(), (1, 1, d)))
+    self.pos_embed = nnx.Param(layers.trunc_normal_init()(rngs.params(), (1, num_patches + 1, d)))
     rates = np.linspace(0.0, drop_path_rate, size.depth)
     self.blocks = nnx.List([
         Block(d, size.num_heads, drop_path_rate=float(rate), dtype=dtype, rngs=rngs)
@@ -322,81 +325,16 @@ class VisionTransformer(nnx.Module):
     }
 
 
-# ---- PyTorch weights: DINO/DoRA names <-> NNX parameter paths. ----
-
-_PREFIXES = ("module.", "backbone.")
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, prefix + (key,)))
-    else:
-      flat[prefix + (key,)] = value
-  return flat
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
-def _torch_name(path: tuple) -> str:
-  """NNX path -> PyTorch name, e.g. ('blocks', 0, 'norm1', 'scale') -> 'blocks.0.norm1.weight'."""
-  parts = [str(key) for key in path]
-  if parts[0] == "patch_embed":
-    parts.insert(1, "proj")
-  if parts[-1] in ("kernel", "scale"):
-    parts[-1] = "weight"
-  return ".".join(parts)
-
-
-def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if path[-1] == "kernel":
-    return tuple(reversed(shape)) if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
-  return tuple(shape)
-
-
-def _to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
-  if path[-1] == "kernel":
-    # Linear (in, out) -> (out, in); Conv (p, p, 3, D) -> (D, 3, p, p).
-    return value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-  return value
-
-
-def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
-  if path[-1] == "kernel":
-    return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-  return value
+# ---- PyTorch weights (the name mapping is in torch_names.py). ----
 
 
 def to_torch_state_dict(model: VisionTransformer) -> dict[str, np.ndarray]:
   """The model's weights under DINO's PyTorch names (float32 numpy arrays, PyTorch layouts)."""
   _, state = nnx.split(model)
   return {
-      _torch_name(path): np.asarray(_to_torch_layout(path, np.asarray(value)), np.float32)
-      for path, value in _flatten(nnx.to_pure_dict(state)).items()
+      torch_names.torch_name(path): np.asarray(torch_names.to_torch_layout(path, np.asarray(value)), np.float32)
+      for path, value in torch_names.flatten(nnx.to_pure_dict(state)).items()
   }
-
-
-def strip_prefixes(state_dict: Mapping[str, Any], prefixes=_PREFIXES) -> dict[str, Any]:
-  """Removes leading `module.` / `backbone.` (in any order) from every name."""
-  pattern = re.compile("^(?:" + "|".join(re.escape(p) for p in prefixes) + ")+")
-  out: dict[str, Any] = {}
-  for name, value in state_dict.items():
-    short = pattern.sub("", name)
-    if short in out:
-      raise ValueError(
-          f"state_dict has two entries for {short!r} once prefixes {prefixes} are removed "
-          f"(one is {name!r}); pass one model's weights (e.g. checkpoint['teacher']).")
-    out[short] = value
-  return out
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "S/16",
@@ -415,7 +353,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "
     ValueError: listing every missing and unexpected name and every shape mismatch; nothing is
       loaded partially.
   """
-  weights = strip_prefixes(state_dict)
+  weights = torch_names.strip_prefixes(state_dict, torch_names.BACKBONE_PREFIXES)
   head_names = sorted(name for name in weights if name.startswith("head."))
   if head_names:
     logging.info("from_torch_state_dict: ignoring %d DINO head entries: %s",
@@ -431,16 +369,16 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "
 
   abstract = nnx.eval_shape(lambda: VisionTransformer(variant, rngs=nnx.Rngs(0), **kwargs))
   graphdef, state = nnx.split(abstract)
-  expected = {_torch_name(path): (path, value.shape)
-              for path, value in _flatten(nnx.to_pure_dict(state)).items()}
+  expected = {torch_names.torch_name(path): (path, value.shape)
+              for path, value in torch_names.flatten(nnx.to_pure_dict(state)).items()}
 
   missing = sorted(set(expected) - set(weights))
   unexpected = sorted(set(weights) - set(expected))
   mismatched = []
   for name in sorted(set(expected) & set(weights)):
     path, shape = expected[name]
-    if weights[name].shape != _torch_shape(path, shape):
-      mismatched.append(f"{name}: expected {_torch_shape(path, shape)}, got {weights[name].shape}")
+    if weights[name].shape != torch_names.torch_shape(path, shape):
+      mismatched.append(f"{name}: expected {torch_names.torch_shape(path, shape)}, got {weights[name].shape}")
   if missing or unexpected or mismatched:
     raise ValueError(
         f"from_torch_state_dict(variant={variant!r}, {kwargs}): the weights do not match the "
@@ -448,7 +386,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "
         f"{unexpected}\n  shape mismatches ({len(mismatched)}): {mismatched}\n"
         "Check the variant (and img_size for pos_embed) against the checkpoint.")
 
-  loaded = {path: jnp.asarray(_from_torch_layout(path, weights[name]), jnp.float32)
+  loaded = {path: jnp.asarray(torch_names.from_torch_layout(path, weights[name]), jnp.float32)
             for name, (path, _) in expected.items()}
-  nnx.replace_by_pure_dict(state, _unflatten(loaded))
+  nnx.replace_by_pure_dict(state, torch_names.unflatten(loaded))
   return nnx.merge(graphdef, state)

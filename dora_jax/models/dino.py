@@ -1,0 +1,71 @@
+"""The student/teacher network: the ViT backbone and the DINO head, built from `config.model`."""
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from dora_jax.models.head import DINOHead
+from dora_jax.models.vit import VisionTransformer
+from dora_jax.models.vit import ViTSize
+from dora_jax.models.vit import resolve_size
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class DinoModel(nnx.Module):
+  """Backbone + DINO head: the student (and, as an EMA copy, the teacher)."""
+
+  def __init__(self, backbone: VisionTransformer, head: DINOHead):
+    self.backbone = backbone
+    self.head = head
+
+  def __call__(self, images: jax.Array, *, drop_path_rng: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """images (B, H, W, 3) -> head logits (B, out_dim) of the [CLS] token, and the backbone's
+    output dict (`cls`, `tokens`, `attn`, `q`, `k`; see `VisionTransformer.__call__`)."""
+    out = self.backbone(images, drop_path_rng=drop_path_rng)
+    return self.head(out["cls"]), out
+
+
+def compute_dtype(name: str) -> Any:
+  """"float32" / "bfloat16" (config.model.compute_dtype) -> the jnp dtype."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(
+        f"config.model.compute_dtype is {name!r}; expected one of {sorted(COMPUTE_DTYPES)}.")
+  return COMPUTE_DTYPES[name]
+
+
+def size_overrides(model_config) -> dict[str, int]:
+  """The `dim`/`depth`/`num_heads`/`patch_size` keys of `config.model` that override the variant
+  (absent, None or 0 keep the variant's value)."""
+  keys = ("dim", "depth", "num_heads", "patch_size")
+  return {key: model_config.get(key) for key in keys if model_config.get(key)}
+
+
+def model_size(model_config) -> ViTSize:
+  """The backbone's size: the variant's, with the non-zero overrides of `config.model`.
+
+  Raises:
+    ValueError: an unknown variant or an inconsistent size (one line).
+  """
+  return resolve_size(model_config.variant, **size_overrides(model_config))
+
+
+def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
+  """Builds the `DinoModel` described by `config.model` (see dora_jax/config_base.py).
+
+  Non-zero `dim`, `depth`, `num_heads` and `patch_size` override the variant's values, for
+  tiny test and demo models.
+  """
+  dtype = compute_dtype(model_config.compute_dtype)
+  backbone = VisionTransformer(
+      model_config.variant, img_size=img_size, drop_path_rate=model_config.drop_path_rate,
+      dtype=dtype, rngs=rngs, **size_overrides(model_config))
+  head = DINOHead(
+      backbone.size.dim, model_config.out_dim, hidden_dim=model_config.head_hidden_dim,
+      bottleneck_dim=model_config.head_bottleneck_dim, num_layers=model_config.head_layers,
+      norm_last_layer=model_config.norm_last_layer, dtype=dtype, rngs=rngs)
+  return DinoModel(backbone, head)

@@ -1,0 +1,157 @@
+"""What `dora-train` checks before anything is written or compiled, in one place.
+
+Each rule has one owner, and these functions ask it: the mesh (`sharding.mesh_shape`), the model
+size (`models.dino.model_size`), the DoRA options (`objects.DoraOptions.from_config`) and the
+data (`data.pipeline.plan_clips`). Every failure is a `ConfigError` with one line naming the key,
+folder or value that is wrong and what to do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+
+from dora_jax import sharding
+from dora_jax import train_step
+from dora_jax.data import pipeline
+from dora_jax.models import dino
+
+DEMO_DATA_DIR = "demo_data"  # Under the work folder, when config.data.synthetic is set.
+
+
+class ConfigError(ValueError):
+  """Bad input found before training starts: a config key, the work folder or the data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What a start of `dora-train` derives from its config, work folder and data."""
+  workdir: str
+  data_config: ml_collections.ConfigDict  # config.data with `dir` resolved.
+  clips: pipeline.ClipPlan
+  steps_per_epoch: int
+  total_steps: int
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker."""
+  num_devices, num_processes = jax.device_count(), jax.process_count()
+  try:
+    sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.batch_size < num_devices or config.batch_size % num_devices:
+    raise ConfigError(
+        f"config batch_size={config.batch_size} does not divide over the {num_devices} devices: "
+        f"use a positive multiple of {num_devices} (e.g. --config.batch_size="
+        f"{max(1, round(config.batch_size / num_devices)) * num_devices}).")
+  if config.batch_size % num_processes:
+    raise ConfigError(f"config batch_size={config.batch_size} does not divide over the "
+                      f"{num_processes} processes.")
+  try:
+    size = dino.model_size(config.model)
+  except ValueError as e:
+    raise ConfigError(f"config model: {e}") from None
+  if config.dora.enabled:
+    if config.data.frames_per_clip < 2:
+      raise ConfigError(
+          f"config data.frames_per_clip={config.data.frames_per_clip}: must be at least 2 "
+          "(frame 0 is the anchor where objects are discovered, the others are where they are "
+          "tracked).")
+    try:
+      train_step.dora_options(config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  for key in ("global_size", "local_size"):
+    if config.data[key] % size.patch_size:
+      raise ConfigError(f"config data.{key}={config.data[key]} is not a multiple of the patch "
+                        f"size {size.patch_size}.")
+  if config.data.global_pre_size < config.data.global_size:
+    raise ConfigError(
+        f"config data.global_pre_size={config.data.global_pre_size} is smaller than "
+        f"data.global_size={config.data.global_size}: the global views are cut from it.")
+  for key in ("checkpoint_every_steps", "log_every_steps"):
+    if config[key] < 1:
+      raise ConfigError(f"config {key}={config[key]}: must be at least 1.")
+  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
+    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
+                      "total_steps > 0, or total_steps=0 and epochs > 0.")
+
+
+def check_workdir(workdir: str) -> None:
+  """The work folder (or, if it does not exist yet, its nearest existing parent) is writable."""
+  if not workdir:
+    raise ConfigError("--workdir is empty: pass the folder for checkpoints and logs.")
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir {workdir} exists and is not a folder.")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir} is not writable ({existing} is not a writable "
+                      "folder): choose another --workdir or fix its permissions.")
+
+
+def data_config_for(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """config.data with `dir` resolved (the synthetic tour lives in the work folder)."""
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  if config.data.synthetic:
+    data_config.dir = os.path.join(workdir, DEMO_DATA_DIR, "shards")
+  elif not config.data.dir:
+    raise ConfigError("config data.dir is empty: pass --config.data.dir=FOLDER (written by "
+                      "dora-convert), or train on the synthetic tour with configs/demo.py.")
+  return data_config
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str
+                 ) -> tuple[ml_collections.ConfigDict, pipeline.ClipPlan]:
+  """Makes the synthetic tour if asked and plans the clips: (data config, clip plan).
+
+  If the data does not fit the config, what this call created (the synthetic tour, the work
+  folder) is removed.
+  """
+  data_config = data_config_for(config, workdir)
+  created = []
+  if config.data.synthetic:
+    from dora_jax.data import synthetic  # Only the demo needs the video generator.
+
+    for path in (workdir, os.path.join(workdir, DEMO_DATA_DIR)):
+      if not os.path.exists(path):
+        created.append(path)
+    logging.info("Preparing the synthetic walking tour in %s", data_config.dir)
+    # Process 0 first: on a shared work folder the others then find it complete.
+    if jax.process_index() == 0:
+      synthetic.ensure_demo_data(os.path.join(workdir, DEMO_DATA_DIR))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("dora_jax demo data")
+      synthetic.ensure_demo_data(os.path.join(workdir, DEMO_DATA_DIR))
+  try:
+    clips = pipeline.plan_clips(data_config)
+  except (ValueError, OSError) as e:
+    for path in created[:1]:
+      shutil.rmtree(path, ignore_errors=True)
+    raise ConfigError(str(e).strip().splitlines()[0]) from None
+  return data_config, clips
+
+
+def schedule_length(config: ml_collections.ConfigDict, num_clips: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): an epoch is num_clips // batch_size steps (at least 1)."""
+  steps_per_epoch = max(1, num_clips // config.batch_size)
+  total_steps = config.total_steps or int(config.epochs * steps_per_epoch)
+  return steps_per_epoch, total_steps
+
+
+def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
+  """All the checks, in order (config, work folder, data); returns the run's plan."""
+  workdir = os.path.abspath(workdir)
+  check_config(config)
+  check_workdir(workdir)
+  data_config, clips = prepare_data(config, workdir)
+  steps_per_epoch, total_steps = schedule_length(config, clips.num_clips)
+  return RunPlan(workdir, data_config, clips, steps_per_epoch, total_steps)

@@ -1,0 +1,83 @@
+"""The trained encoder: `load_backbone` returns the teacher ViT of a `dora-train` run.
+
+A run's teacher (the EMA of the student) is the encoder DINO and DoRA evaluate and release. This
+module only reads: it restores the teacher's parameters from an orbax checkpoint written by
+`checkpoints.Checkpointer`, for the model the run's config.json describes.
+"""
+import os
+
+import jax
+from flax import nnx
+import orbax.checkpoint as ocp
+
+from dora_jax import checkpoints
+from dora_jax import train_step
+
+
+def teacher_backbone(graphdef: nnx.GraphDef, state: train_step.TrainState) -> nnx.Module:
+  """The teacher's ViT of a train state, as a module callable on images."""
+  return nnx.merge(graphdef, state["teacher"], state["constants"]).backbone
+
+
+def _resolve_run(path: str) -> tuple[str, str, int | None]:
+  """(workdir, checkpoint dir, step or None for the latest) of a work folder or a step folder."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(os.path.join(path, checkpoints.CONFIG_FILE)):
+    return path, os.path.join(path, checkpoints.CHECKPOINT_DIR), None
+  parent, name = os.path.split(path)
+  grandparent = os.path.dirname(parent)
+  if (name.isdigit() and os.path.basename(parent) == checkpoints.CHECKPOINT_DIR
+      and os.path.exists(os.path.join(grandparent, checkpoints.CONFIG_FILE))):
+    return grandparent, parent, int(name)
+  raise FileNotFoundError(
+      f"{path} is not a dora-train work folder (no {checkpoints.CONFIG_FILE}) nor one of its "
+      f"{checkpoints.CHECKPOINT_DIR}/STEP folders: pass the --workdir of a training run.")
+
+
+def load_backbone(path: str):
+  """The teacher's ViT backbone of a training run, with its trained weights.
+
+  The teacher (the EMA of the student) is the encoder DINO and DoRA evaluate and release.
+
+  Args:
+    path: a `dora-train` work folder (its latest checkpoint is used) or one of its
+      `checkpoints/STEP` folders.
+
+  Returns:
+    A `dora_jax.models.vit.VisionTransformer`: called on float32 normalised images (B, H, W, 3),
+    H and W divisible by its patch size, it returns the dict of the public contract (`cls`,
+    `tokens`, `attn`, `q`, `k`).
+
+  Raises:
+    FileNotFoundError: `path` is not a work folder or has no checkpoint; nothing falls back to
+      other weights.
+    checkpoints.CheckpointMismatchError: the checkpoint does not fit the run's config.
+  """
+  workdir, checkpoint_dir, step = _resolve_run(path)
+  config = checkpoints.read_config(workdir)
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+  manager = ocp.CheckpointManager(
+      checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      handler_registry=registry)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint"
+                            + (f" for step {step}" if step is not None else "") + ".")
+  graphdef, abstract_state = train_step.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_teacher = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      abstract_state["teacher"])
+  saved = checkpoints.flat_shapes(manager.item_metadata(step)["state"].tree["teacher"])
+  problem = checkpoints.describe_mismatch(saved, checkpoints.flat_shapes(abstract_teacher))
+  if problem:
+    raise checkpoints.CheckpointMismatchError(
+        f"the teacher in {checkpoint_dir}/{step} does not match {workdir}/{checkpoints.CONFIG_FILE}: {problem}.")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"teacher": abstract_teacher},
+      restore_args=ocp.checkpoint_utils.construct_restore_args({"teacher": abstract_teacher}),
+      partial_restore=True)))
+  manager.close()
+  state = dict(abstract_state, teacher=restored["state"]["teacher"])
+  return teacher_backbone(graphdef, state)
