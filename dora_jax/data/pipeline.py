@@ -40,11 +40,12 @@ def validate(data_config: Any, *, num_frames_needed: int | None = None) -> dict[
     The manifest dict of data.dir.
 
   Raises:
-    ValueError: one line naming the folder or key that is wrong and what to do.
+    ValueError: one line naming the folder, file or key that is wrong and what to do.
   """
   data_dir = str(data_config.dir)
   manifest = source_lib.load_manifest(data_dir)
   videos = source_lib.select_videos(manifest, tuple(data_config.video_ids), data_dir)
+  source_lib.check_data(data_dir, videos)  # Before the frame counts below are trusted.
   frames_per_clip, stride = data_config.frames_per_clip, data_config.frame_stride
   needed = max(2, int(num_frames_needed or 2))
   if not isinstance(frames_per_clip, (int, np.integer)) or frames_per_clip < needed:

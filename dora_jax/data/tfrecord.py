@@ -31,7 +31,7 @@ _HEADER = struct.Struct("<QI")  # length, masked CRC of the length bytes.
 _FOOTER = struct.Struct("<I")  # masked CRC of the data.
 FRAMING_BYTES = _HEADER.size + _FOOTER.size  # 16
 INDEX_SUFFIX = ".idx"
-_REPAIR = "re-run dora-convert with --verify"  # What to do about a damaged shard or index.
+REPAIR = "re-run dora-convert with --verify"  # What to do about a damaged shard or index.
 # Longest index line: two 20-digit numbers, a space and a newline.
 _MAX_INDEX_LINE = 42
 
@@ -48,7 +48,18 @@ FRAME_FEATURES = {
 
 
 class CorruptRecordError(ValueError):
-  """A TFRecord file whose framing or CRCs do not check out."""
+  """A TFRecord file or offset index that does not check out (framing, CRCs, sizes).
+
+  Raised with what is wrong, naming the file, record and byte (`problem`); the message adds
+  what to do. It pickles (grain workers send it to the trainer) with its one argument.
+  """
+
+  @property
+  def problem(self) -> str:
+    return self.args[0]
+
+  def __str__(self) -> str:
+    return f"{self.problem}; {REPAIR}"
 
 
 def masked_crc(data: bytes) -> int:
@@ -68,12 +79,11 @@ def _read_header(path: str, index: int, offset: int, header: bytes) -> int:
   if len(header) < _HEADER.size:
     raise CorruptRecordError(
         f"TFRecord '{path}' is cut short: record {index} at byte {offset} has "
-        f"{len(header)} of {_HEADER.size} header bytes; {_REPAIR}")
+        f"{len(header)} of {_HEADER.size} header bytes")
   length, length_crc = _HEADER.unpack_from(header)
   if masked_crc(header[:8]) != length_crc:
     raise CorruptRecordError(
-        f"TFRecord '{path}': bad length CRC in record {index} at byte {offset} (file corrupt); "
-        f"{_REPAIR}")
+        f"TFRecord '{path}': bad length CRC in record {index} at byte {offset} (file corrupt)")
   return length
 
 
@@ -86,7 +96,7 @@ def _check_fits(path: str, index: int, offset: int, length: int, available: int)
   if length + FRAMING_BYTES > available:
     raise CorruptRecordError(
         f"TFRecord '{path}' is cut short: record {index} at byte {offset} needs "
-        f"{length + FRAMING_BYTES} bytes, {available} are left; {_REPAIR}")
+        f"{length + FRAMING_BYTES} bytes, {available} are left")
 
 
 def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | None) -> bytes:
@@ -99,14 +109,13 @@ def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | N
   if size is not None and length + FRAMING_BYTES != size:
     raise CorruptRecordError(
         f"TFRecord '{path}': record {index} at byte {offset} holds {length} bytes but its index "
-        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}; {_REPAIR}")
+        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}")
   _check_fits(path, index, offset, length, len(blob))
   data = blob[_HEADER.size:_HEADER.size + length]
   (data_crc,) = _FOOTER.unpack_from(blob, _HEADER.size + length)
   if masked_crc(data) != data_crc:
     raise CorruptRecordError(
-        f"TFRecord '{path}': bad data CRC in record {index} at byte {offset} (file corrupt); "
-        f"{_REPAIR}")
+        f"TFRecord '{path}': bad data CRC in record {index} at byte {offset} (file corrupt)")
   return data
 
 
@@ -198,18 +207,18 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
   try:
     file_size = os.path.getsize(path)
   except FileNotFoundError:
-    raise FileNotFoundError(f"shard '{path}' is missing; {_REPAIR}") from None
+    raise FileNotFoundError(f"shard '{path}' is missing; {REPAIR}") from None
   try:
     with open(index_path, "rb") as f:
       index_size = os.fstat(f.fileno()).st_size
       if index_size > (file_size // FRAMING_BYTES + 1) * _MAX_INDEX_LINE:
         raise CorruptRecordError(
             f"offset index '{index_path}' has {index_size} bytes, too many for the "
-            f"{file_size} bytes of its shard; {_REPAIR}")
+            f"{file_size} bytes of its shard")
       words = f.read().split()
   except FileNotFoundError:
     raise FileNotFoundError(
-        f"offset index '{index_path}' of shard '{path}' is missing; {_REPAIR}") from None
+        f"offset index '{index_path}' of shard '{path}' is missing; {REPAIR}") from None
   table = None
   if len(words) % 2 == 0:
     try:
@@ -218,8 +227,7 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
       pass
   if table is None:
     raise CorruptRecordError(
-        f"offset index '{index_path}' is not lines of 'offset size' (garbled or binary); "
-        f"{_REPAIR}")
+        f"offset index '{index_path}' is not lines of 'offset size' (garbled or binary)")
   offsets, sizes = table[:, 0].copy(), table[:, 1].copy()
   # Bounded by the file first, so that offset + size cannot overflow.
   bad = np.flatnonzero((sizes < FRAMING_BYTES) | (sizes > file_size) | (offsets < 0) |
@@ -231,13 +239,12 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
     i = int(bad[0])
     raise CorruptRecordError(
         f"offset index '{index_path}' is damaged at record {i} (listed at byte {offsets[i]}, "
-        f"{sizes[i]} bytes) for a {file_size}-byte shard; {_REPAIR}")
+        f"{sizes[i]} bytes) for a {file_size}-byte shard")
   end = int(ends[-1]) if len(ends) else 0
   if end != file_size:
     raise CorruptRecordError(
         f"shard '{path}' has {file_size} bytes, but its index '{index_path}' lists "
-        f"{len(offsets)} records ending at byte {end} (shard cut short, or index stale); "
-        f"{_REPAIR}")
+        f"{len(offsets)} records ending at byte {end} (shard cut short, or index stale)")
   return offsets, sizes
 
 
@@ -255,7 +262,7 @@ class ShardReader:
     if num_records is not None and len(self._offsets) != num_records:
       raise CorruptRecordError(
           f"shard '{path}': its index '{path}{INDEX_SUFFIX}' lists {len(self._offsets)} records, "
-          f"the manifest {num_records}; {_REPAIR}")
+          f"the manifest {num_records}")
     self._fd: int | None = None
     self._pid: int | None = None
 
@@ -273,7 +280,7 @@ class ShardReader:
       try:
         self._fd = os.open(self.path, os.O_RDONLY)
       except FileNotFoundError:
-        raise FileNotFoundError(f"shard '{self.path}' is missing; {_REPAIR}") from None
+        raise FileNotFoundError(f"shard '{self.path}' is missing; {REPAIR}") from None
       self._pid = os.getpid()
     return self._fd
 
@@ -324,7 +331,8 @@ def decode_frame(data: bytes, *, path: str = "?") -> dict[str, Any]:
   out = {}
   for key, kind in FRAME_FEATURES.items():
     if key not in feature:
-      raise CorruptRecordError(f"record in '{path}' lacks feature '{key}'; not a dora-convert shard")
+      raise CorruptRecordError(f"record in '{path}' lacks feature '{key}' (not a dora-convert "
+                               "shard)")
     values = getattr(feature[key], f"{kind}_list").value
     out[key] = values[0]
   out["video_id"] = out["video_id"].decode("utf-8")
