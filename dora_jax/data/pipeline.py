@@ -6,7 +6,8 @@
       .random_map(ClipViews)           decode + views, from the rng grain derives from the index
       [process_index::process_count]   this host's share: hosts see disjoint clips
       .to_iter_dataset(threads)        data.num_threads per process overlap clips
-      .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax)
+      .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax; they exit
+                                       when the process that started them dies, even by SIGKILL)
       .batch(global_batch_size // process_count)
 
 Every random choice is a function of (seed, position in the global stream), so the same seed
@@ -15,6 +16,10 @@ positions per worker) restores exactly.
 """
 from __future__ import annotations
 
+import functools
+import os
+import threading
+import time
 from typing import Any
 
 import grain
@@ -146,9 +151,32 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
       grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, per_process)))
   if num_workers > 0:
     _ensure_absl_flags_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=per_process))
+    iter_dataset = iter_dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=per_process),
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return iter(iter_dataset.batch(batch_size, drop_remainder=True))
+
+
+_PARENT_POLL_SECONDS = 0.5  # How often a worker checks that the trainer is alive.
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain worker init: the worker exits once `parent_pid`, the trainer that spawned it, is gone.
+
+  grain stops its workers when the iterator is closed or the trainer exits normally; a trainer
+  killed (SIGKILL, the OOM killer) runs no cleanup, and its workers (with the resource tracker
+  they share) would live on under PID 1. A daemon thread in each worker polls its parent pid,
+  which changes when the parent dies. (Not PR_SET_PDEATHSIG: it fires when the *thread* that
+  spawned the worker exits, and grain spawns workers from its own pool threads.)
+  """
+  del worker_index, worker_count  # grain's signature; every worker does the same.
+
+  def watch() -> None:
+    while os.getppid() == parent_pid:
+      time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)  # pylint: disable=protected-access  # No cleanup left to wait for: it is gone.
+
+  threading.Thread(target=watch, name="dora-exit-with-parent", daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:
