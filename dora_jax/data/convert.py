@@ -152,18 +152,18 @@ def _check_shard(path: str, num_records: int, verify: bool,
   except tfrecord.CorruptRecordError as e:
     listed, rebuild = None, f"it was damaged ({e.problem})"
   if listed is not None and not verify:
-    walked = listed
+    actual = listed  # Consistent with the shard's size; the records are not read.
   else:
     try:
-      walked = tfrecord.build_index(path)  # Walks the framing, checking every CRC.
+      actual = tfrecord.build_index(path)  # Walks the framing, checking every CRC.
     except tfrecord.CorruptRecordError as e:
       return e.problem
-  if len(walked[0]) != num_records:
-    return f"the shard holds {len(walked[0])} records, the manifest lists {num_records}"
-  if listed is not None and not all(np.array_equal(a, b) for a, b in zip(listed, walked)):
+  if len(actual[0]) != num_records:
+    return f"the shard holds {len(actual[0])} records, the manifest lists {num_records}"
+  if listed is not None and not all(np.array_equal(a, b) for a, b in zip(listed, actual)):
     rebuild = "it did not describe the shard's records"
   if rebuild is not None:
-    tfrecord.write_index(index_path, *walked)
+    tfrecord.write_index(index_path, *actual)
     report(f"rebuilt '{index_path}': {rebuild}")
   return None
 

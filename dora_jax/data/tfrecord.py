@@ -6,12 +6,14 @@ A TFRecord file is a sequence of records, each framed as
 
 (little endian; masked_crc(x) = ((crc >> 15) | (crc << 17)) + 0xa282ead8 mod 2**32), the format
 that `tf.data.TFRecordDataset` reads and `tf.io.TFRecordWriter` writes. Both CRCs are checked on
-every read here, so a flipped bit or a file cut short is an error naming the file, never a silently
-wrong frame.
+every read here, and a length against the bytes there before anything is read, so a flipped bit
+or a file cut short is a `CorruptRecordError` naming the file, record and byte, never a silently
+wrong frame nor an allocation of what a damaged length claims.
 
 Beside each shard `NAME.tfrecord` sits `NAME.tfrecord.idx`, one text line "offset size" per
 record (size including the 16 framing bytes), the format of NVIDIA DALI's `tfrecord2idx`, so any
-record can be read with one `pread`.
+record can be read with one `pread`. An index is checked against its shard's size when read: its
+records must follow each other from byte 0 to the end of the file.
 
 Each record of our shards is a `tf.train.Example` for one frame (the protos that
 tensorflow-datasets ships, so no TensorFlow at run time) with the features of `FRAME_FEATURES`.
