@@ -28,8 +28,9 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # tensorflow-cpu: the interop test reads/writes shards with tf.data.
-        "test": ["pytest>=7", "tensorflow-cpu>=2.15"],
+        # tensorflow-cpu: the interop test reads/writes shards with tf.data; hypothesis: the
+        # TFRecord reader's fuzz test; psutil: the test that no input worker outlives the trainer.
+        "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5"],
         # Only to read public DINO/DoRA .pth files (CPU build; see README).
         "torch": ["torch"],
     },

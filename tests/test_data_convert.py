@@ -1,7 +1,12 @@
 """dora-convert: frames read back equal the video's, counts, resume, and one-line errors."""
+import errno
 import io
 import json
 import os
+import re
+import shutil
+import struct
+import subprocess
 
 import av
 import numpy as np
@@ -190,3 +195,139 @@ def test_rerun_repairs_shards_cut_short_or_failing_a_crc(video, tmp_path):
   manifest = manifest_lib.load(out)
   assert manifest["videos"][0]["complete"]
   assert manifest["videos"][0]["frames_kept"] == NUM_FRAMES - len(BLANK)
+
+
+@pytest.fixture(scope="module")
+def pristine(video, tmp_path_factory):
+  """A converted copy of the tour: shards of 8, 8, 8 and 3 frames."""
+  out = str(tmp_path_factory.mktemp("pristine") / "shards")
+  convert.convert([video], out, frames_per_shard=8, progress=False)
+  return out
+
+
+def _files(folder):
+  return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+
+
+def _set_length(path, record, length, offset_in_header=0):
+  """Writes a length field (with a matching CRC) into record `record` of the shard `path`."""
+  offsets, _ = tfrecord.build_index(path)
+  field = struct.pack("<Q", length)
+  with open(path, "r+b") as f:
+    f.seek(int(offsets[record]) + offset_in_header)
+    f.write(field + struct.pack("<I", tfrecord.masked_crc(field)))
+
+
+def _flip(path, position):
+  blob = bytearray(open(path, "rb").read())
+  blob[position] ^= 0x04
+  open(path, "wb").write(blob)
+
+
+def _edit_manifest(folder, edit):
+  path = os.path.join(folder, "manifest.json")
+  manifest = json.load(open(path))
+  edit(manifest["videos"][0])
+  open(path, "w").write(json.dumps(manifest))
+
+
+# name -> (damage(folder), whether a plain re-run (sizes and counts, no CRC) repairs it too, what
+# the report line says).
+_DAMAGE = {
+    "data bit": (lambda d: _flip(f"{d}/tour-00001.tfrecord", 300), False,
+                 r"again from '.*tour-00001\.tfrecord' on \(3 shards\): .*bad data CRC in record 0"),
+    "length bit": (lambda d: _flip(f"{d}/tour-00001.tfrecord", 2), False,
+                   r"tour-00001\.tfrecord' on .*bad length CRC in record 0 at byte 0"),
+    "length with its CRC": (lambda d: _set_length(f"{d}/tour-00002.tfrecord", 1, 2**62), False,
+                            rf"tour-00002\.tfrecord' on \(2 shards\).*record 1 .*{2**62 + 16}"),
+    "cut in a record": (lambda d: os.truncate(f"{d}/tour-00002.tfrecord", 1000), True,
+                        r"tour-00002\.tfrecord' on .*cut short"),
+    "cut between records": (
+        lambda d: os.truncate(f"{d}/tour-00003.tfrecord",
+                              int(sum(tfrecord.build_index(f"{d}/tour-00003.tfrecord")[1][:2]))),
+        True, r"tour-00003\.tfrecord' on \(1 shard\): the shard holds 2 records, the manifest "
+        r"lists 3"),
+    "shard missing": (lambda d: os.remove(f"{d}/tour-00001.tfrecord"), True,
+                      r"tour-00001\.tfrecord' on \(3 shards\): the shard is missing"),
+    "index missing": (lambda d: os.remove(f"{d}/tour-00000.tfrecord.idx"), True,
+                      r"rebuilt '.*tour-00000\.tfrecord\.idx': it was missing"),
+    "index garbled": (lambda d: open(f"{d}/tour-00000.tfrecord.idx", "a").write("12 x\n"), True,
+                      r"rebuilt '.*tour-00000\.tfrecord\.idx': it was damaged \(.*not lines"),
+    "index binary": (lambda d: open(f"{d}/tour-00003.tfrecord.idx", "wb").write(bytes(range(256))),
+                     True, r"rebuilt '.*tour-00003\.tfrecord\.idx': it was damaged"),
+    "index shifted": (  # Consistent with the file's size, but not the records: --verify only.
+        lambda d: open(f"{d}/tour-00000.tfrecord.idx", "w").write(
+            "".join(f"{o + (i == 1)} {s + (i == 0) - (i == 1)}\n" for i, (o, s) in
+                    enumerate(zip(*tfrecord.build_index(f"{d}/tour-00000.tfrecord"))))),
+        False, r"rebuilt '.*tour-00000\.tfrecord\.idx': it did not describe the shard's records"),
+    "frames in the manifest": (lambda d: _edit_manifest(d, lambda v: v.update(num_frames=400)),
+                               True, r"corrected '.*manifest\.json': it listed 400 frames for "
+                               r"video 'tour', its shards hold 27"),
+    "records in the manifest": (
+        lambda d: _edit_manifest(d, lambda v: v["shards"][1].update(num_records=9)), True,
+        r"tour-00001\.tfrecord' on \(3 shards\): the shard holds 8 records, the manifest lists 9"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_verify_repairs_every_damage_and_says_what_it_rewrote(video, pristine, tmp_path, capsys,
+                                                             damage):
+  damage_fn, plain_repairs, line = _DAMAGE[damage]
+  expected = _files(pristine)
+  out = str(tmp_path / "shards")
+  shutil.copytree(pristine, out)
+  damage_fn(out)
+  args = [video, "--out", out, "--frames-per-shard", "8", "--no-progress"]
+  capsys.readouterr()
+  for flags in ([], ["--verify"]):
+    assert convert.main(args + flags) == 0
+    report = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("tour:")]
+    if plain_repairs or flags:
+      assert _files(out) == expected, flags  # Shards, indexes and manifest as converted.
+      assert len(report) == (1 if plain_repairs != bool(flags) else 0), report
+      if report:
+        assert re.search(line, report[0]), report[0]
+  # The training start-up check and every read agree.
+  manifest = manifest_lib.load(out)
+  source.check_data(out, manifest["videos"])
+  _, frames = _stored(out, "tour")
+  assert len(frames) == NUM_FRAMES - len(BLANK)
+
+
+def _make_read_only(folder) -> bool:
+  """Makes `folder` read-only, for root too (chattr +i); False where that cannot be done."""
+  if os.geteuid() != 0:
+    os.chmod(folder, 0o555)
+    return True
+  return subprocess.run(["chattr", "+i", str(folder)], capture_output=True,
+                        check=False).returncode == 0
+
+
+def test_unusable_output_folders_are_one_line_errors(video, tmp_path, capsys, monkeypatch):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  cases = {str(a_file): "is a file, not a folder", str(a_file / "sub"): "Not a directory"}
+  if _make_read_only(read_only):
+    cases[str(read_only)] = "cannot hold the shards"
+  try:
+    for out, message in cases.items():
+      assert convert.main([video, "--out", out, "--no-progress"]) == 2
+      captured = capsys.readouterr()
+      assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+      assert f"--out '{out}'" in captured.err and message in captured.err
+  finally:
+    if os.geteuid() == 0:
+      subprocess.run(["chattr", "-i", str(read_only)], capture_output=True, check=False)
+    os.chmod(read_only, 0o755)
+
+  def full(self, data):  # The disk filling up while a shard is written.
+    raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+  monkeypatch.setattr(tfrecord.TFRecordWriter, "write", full)
+  out = str(tmp_path / "shards")
+  assert convert.main([video, "--out", out, "--no-progress"]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.count("\n") == 1 and "No space left on device" in captured.err
+  assert not [n for n in os.listdir(out) if ".tfrecord" in n]  # Nothing half-written left.

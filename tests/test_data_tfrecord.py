@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import crc32c
+import hypothesis
+from hypothesis import strategies as st
 import numpy as np
 from PIL import Image
 import pytest
@@ -79,15 +81,88 @@ def test_bad_crc_and_cut_short_shards_are_errors_naming_the_file(tmp_path):
 
   with open(path, "wb") as f:  # Cut short in the middle of the last record.
     f.write(original[:int(offsets[4]) + 20])
-  reader = tfrecord.ShardReader(path)
-  with pytest.raises(tfrecord.CorruptRecordError, match=r"s\.tfrecord' is cut short"):
-    reader.read(4)
-  with pytest.raises(tfrecord.CorruptRecordError, match="cut short"):
+  with pytest.raises(tfrecord.CorruptRecordError, match=r"s\.tfrecord' has \d+ bytes.*cut short"):
+    tfrecord.ShardReader(path)  # The index no longer ends where the file does.
+  with pytest.raises(tfrecord.CorruptRecordError, match=r"s\.tfrecord' is cut short: record 4"):
     list(tfrecord.iter_records(path))
+
+  with open(path, "wb") as f:  # Cut short after the reader checked the index.
+    f.write(original)
+  reader = tfrecord.ShardReader(path)
+  os.truncate(path, int(offsets[4]) + 20)
+  reader.read(3)
+  with pytest.raises(tfrecord.CorruptRecordError, match=r"s\.tfrecord' is cut short: record 4"):
+    reader.read(4)
 
   os.remove(path + tfrecord.INDEX_SUFFIX)
   with pytest.raises(FileNotFoundError, match=r"s\.tfrecord\.idx.*dora-convert"):
     tfrecord.ShardReader(path)
+
+
+def _set_length(blob: bytearray, offset: int, length: int) -> None:
+  """Writes `length` into the record at `offset` with a matching length CRC."""
+  field = struct.pack("<Q", length)
+  blob[offset:offset + 12] = field + struct.pack("<I", tfrecord.masked_crc(field))
+
+
+def test_a_damaged_length_is_an_error_before_anything_is_allocated(tmp_path):
+  path = str(tmp_path / "s.tfrecord")
+  _write_shard(path)
+  offsets, _ = tfrecord.read_index(path)
+  original = open(path, "rb").read()
+  blob = bytearray(original)
+  blob[int(offsets[1]) + 6] ^= 0x80  # The length's high bits: 2**55 more bytes, CRC now wrong.
+  open(path, "wb").write(blob)
+  with pytest.raises(tfrecord.CorruptRecordError, match="bad length CRC in record 1 at byte"):
+    list(tfrecord.iter_records(path))
+  with pytest.raises(tfrecord.CorruptRecordError, match="bad length CRC in record 1"):
+    tfrecord.ShardReader(path).read(1)
+  # A length whose CRC matches (as if written so): larger than the file, refused unread.
+  for length in (2**64 - 1, 2**63, len(original)):
+    blob = bytearray(original)
+    _set_length(blob, int(offsets[1]), length)
+    open(path, "wb").write(blob)
+    with pytest.raises(tfrecord.CorruptRecordError,
+                       match=rf"record 1 at byte {offsets[1]} needs {length + 16} bytes"):
+      list(tfrecord.iter_records(path))
+    with pytest.raises(tfrecord.CorruptRecordError, match="record 1 .* holds .* its index"):
+      tfrecord.ShardReader(path).read(1)
+
+
+def test_every_kind_of_index_damage_is_a_corrupt_record_error(tmp_path):
+  path = str(tmp_path / "s.tfrecord")
+  _write_shard(path)
+  offsets, sizes = tfrecord.read_index(path)
+  lines = [f"{o} {s}" for o, s in zip(offsets, sizes)]
+  file_size = os.path.getsize(path)
+  damaged = {
+      "binary": b"\x89\xff\x00\xfe" * 8,
+      "not numbers": b"offset size\n",
+      "odd count": " ".join(lines + ["17"]).encode(),
+      "negative offset": "\n".join(["-10 10"] + lines[1:]).encode(),
+      "negative size": "\n".join(lines[:4] + [f"{offsets[4]} -5"]).encode(),
+      "huge value": "\n".join(lines[:4] + [f"{offsets[4]} {10**30}"]).encode(),
+      "not increasing": "\n".join([lines[0], lines[2], lines[1], *lines[3:]]).encode(),
+      "overlapping": "\n".join(lines[:2] + [f"{offsets[2] - 8} {sizes[2] + 8}", *lines[3:]]
+                                ).encode(),
+      "duplicated": "\n".join(lines[:3] + lines[2:]).encode(),
+      "size past the end": "\n".join(lines[:4] + [f"{offsets[4]} {sizes[4] + 1}"]).encode(),
+      "a record lost": "\n".join(lines[:4]).encode(),
+      "empty": b"",
+      "too large for the shard": b"0 16\n" * file_size,
+  }
+  for kind, text in damaged.items():
+    open(path + tfrecord.INDEX_SUFFIX, "wb").write(text)
+    with pytest.raises(tfrecord.CorruptRecordError, match=r"s\.tfrecord.*--verify") as error:
+      tfrecord.ShardReader(path)
+    assert "\n" not in str(error.value), kind
+  # Right framing, wrong count: only the count the manifest lists tells.
+  merged = f"0 {sizes[0] + sizes[1]}"
+  open(path + tfrecord.INDEX_SUFFIX, "w").write("\n".join([merged, *lines[2:]]))
+  with pytest.raises(tfrecord.CorruptRecordError, match=r"lists 4 records, the manifest 5"):
+    tfrecord.ShardReader(path, num_records=5)
+  with pytest.raises(tfrecord.CorruptRecordError, match="record 0 .* holds"):
+    tfrecord.ShardReader(path).read(0)
 
 
 _TF_SCRIPT = r"""
@@ -149,3 +224,112 @@ def test_tensorflow_reads_our_shards_and_we_read_tensorflows(tmp_path):
     assert (frame["video_id"], frame["frame_index"]) == ("tf", 10 + i)
     pixels = np.asarray(Image.open(io.BytesIO(frame["image/encoded"])))
     assert pixels.shape == (8, 6, 3) and abs(float(pixels.mean()) - 40 * i) <= 2
+
+
+# The fuzz test: random records, damaged at random; every read returns what was written or raises
+# CorruptRecordError, never anything else (MemoryError, UnicodeDecodeError, OverflowError, ...).
+_SHARD_DAMAGE = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 2**16), st.integers(0, 7)),  # byte (mod size), bit
+    st.tuples(st.just("truncate"), st.integers(0, 2**16)),  # new size (mod size)
+    st.tuples(st.just("length"), st.integers(0, 3), st.integers(0, 2**64 - 1), st.booleans()),
+    st.tuples(st.just("overwrite"), st.integers(0, 2**16), st.binary(min_size=1, max_size=16)),
+)
+_INDEX_DAMAGE = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 2**16), st.integers(0, 7)),
+    st.tuples(st.just("bytes"), st.binary(max_size=64)),  # Replaced by garbage (often binary).
+    st.tuples(st.just("value"), st.integers(0, 7), st.integers(-2**70, 2**70)),
+    st.tuples(st.just("line"), st.sampled_from(["drop", "duplicate", "swap"]), st.integers(0, 3)),
+    st.tuples(st.just("truncate"), st.integers(0, 2**10)),
+)
+
+
+def _damage_shard(blob: bytearray, offsets, damage) -> bytearray:
+  kind, *args = damage
+  if not blob:
+    return blob
+  if kind == "flip":
+    blob[args[0] % len(blob)] ^= 1 << args[1]
+  elif kind == "truncate":
+    del blob[args[0] % len(blob):]
+  elif kind == "length":  # A random length field, with its CRC made to match or not.
+    record, length, matching_crc = args
+    offset = int(offsets[record % len(offsets)])
+    if offset + 12 <= len(blob):
+      if matching_crc:
+        _set_length(blob, offset, length)
+      else:
+        blob[offset:offset + 8] = struct.pack("<Q", length)
+  else:
+    position = args[0] % len(blob)
+    blob[position:position + len(args[1])] = args[1]
+  return blob
+
+
+def _damage_index(text: bytes, damage) -> bytes:
+  kind, *args = damage
+  if kind == "flip" and text:
+    text = bytearray(text)
+    text[args[0] % len(text)] ^= 1 << args[1]
+    return bytes(text)
+  if kind == "bytes":
+    return args[0]
+  if kind == "truncate":
+    return text[:args[0] % (len(text) + 1)]
+  words = text.split()
+  if kind == "value":
+    words[args[0] % len(words)] = str(args[1]).encode()
+    return b" ".join(words)
+  lines = text.splitlines()
+  i = args[1] % len(lines)
+  if args[0] == "drop":
+    del lines[i]
+  elif args[0] == "duplicate":
+    lines.insert(i, lines[i])
+  elif i + 1 < len(lines):
+    lines[i], lines[i + 1] = lines[i + 1], lines[i]
+  return b"\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("fuzz")
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@hypothesis.given(records=st.lists(st.binary(max_size=48), min_size=1, max_size=4),
+                  shard_damage=st.lists(_SHARD_DAMAGE, max_size=3),
+                  index_damage=st.one_of(st.none(), _INDEX_DAMAGE))
+def test_fuzz_every_read_returns_the_data_or_raises_corrupt_record_error(
+    fuzz_dir, records, shard_damage, index_damage):
+  path = str(fuzz_dir / "s.tfrecord")
+  with tfrecord.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+  offsets = writer.offsets
+  blob = bytearray(open(path, "rb").read())
+  for damage in shard_damage:
+    blob = _damage_shard(blob, offsets, damage)
+  open(path, "wb").write(blob)
+  if index_damage is not None:
+    index_path = path + tfrecord.INDEX_SUFFIX
+    text = _damage_index(open(index_path, "rb").read(), index_damage)
+    open(index_path, "wb").write(text)
+
+  try:  # Walking the framing (what --verify does): the records, or the records before a cut.
+    walked = list(tfrecord.iter_records(path))
+    assert walked == records[:len(walked)]
+    assert len(walked) == len(records) or len(blob) < sum(len(r) + 16 for r in records)
+    offsets_walked, _ = tfrecord.build_index(path)
+    assert len(offsets_walked) == len(walked)
+  except tfrecord.CorruptRecordError:
+    pass
+  try:  # Random access through the index (what training does).
+    reader = tfrecord.ShardReader(path, num_records=len(records))
+  except tfrecord.CorruptRecordError:
+    return
+  for i, record in enumerate(records):
+    try:
+      assert reader.read(i) == record
+    except tfrecord.CorruptRecordError:
+      pass
+  reader.close()

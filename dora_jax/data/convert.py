@@ -12,9 +12,13 @@ frames (luma standard deviation below `--blank-threshold`) are dropped and count
 `DIR/manifest.json` lists the options, and per video its source, fps, frame counts and shards. It
 is rewritten (atomically) after every shard, so re-running the same command resumes: completed
 shards are kept, a shard is written under a temporary name and renamed only when complete, and
-completed videos are skipped; shards found missing, cut short or (with --verify) failing a CRC
-are written again. Videos that fail (missing, not a video, truncated, no decodable
-frames) are reported one line each, the others are still converted, and the exit status is 1.
+completed videos are skipped. What is already there is checked first (file sizes against the
+offset indexes, record counts against the manifest; with --verify every CRC too): an index that is
+missing or damaged is rebuilt from its shard, a shard that is missing, cut short or damaged is
+written again with those after it, and a video's frame count is corrected to what its shards hold;
+each repair is one printed line naming the file and why. Videos that fail (missing, not a video,
+truncated, no decodable frames) are reported one line each, the others are still converted, and the
+exit status is 1; an unusable --out folder is one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import io
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 import av
@@ -109,31 +114,57 @@ def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
   return buffer.getvalue()
 
 
-def _shard_ok(path: str, num_records: int, verify: bool) -> bool:
-  """Whether a listed shard is whole: present, its index present (rebuilt if missing), the file
-  as long as its index says, the record count right, and with `verify` every CRC right."""
+def _check_shard(path: str, num_records: int, verify: bool,
+                 report: Callable[[str], None]) -> str | None:
+  """None when a listed shard is whole, else what is wrong with it.
+
+  Whole: present, with the record count the manifest lists and, with `verify`, every CRC right
+  (the framing is walked); otherwise its offset index is checked against the file's size. An
+  index that is missing, damaged or (with `verify`) not the shard's is rebuilt from the shard
+  when the shard itself is whole, and reported.
+  """
   if not os.path.exists(path):
-    return False
+    return "the shard is missing"
+  index_path = path + tfrecord.INDEX_SUFFIX
   try:
-    if verify or not os.path.exists(path + tfrecord.INDEX_SUFFIX):
-      offsets, sizes = tfrecord.build_index(path)  # Walks the framing, checking every CRC.
-      tfrecord.write_index(path + tfrecord.INDEX_SUFFIX, offsets, sizes)
-    else:
-      offsets, sizes = tfrecord.read_index(path)
-  except tfrecord.CorruptRecordError:
-    return False
-  end = int(offsets[-1] + sizes[-1]) if len(offsets) else 0
-  return len(offsets) == num_records and os.path.getsize(path) == end
+    listed = tfrecord.read_index(path)
+    rebuild = None
+  except FileNotFoundError:
+    listed, rebuild = None, "it was missing"
+  except tfrecord.CorruptRecordError as e:
+    listed, rebuild = None, f"it was damaged ({e.problem})"
+  if listed is not None and not verify:
+    actual = listed  # Consistent with the shard's size; the records are not read.
+  else:
+    try:
+      actual = tfrecord.build_index(path)  # Walks the framing, checking every CRC.
+    except tfrecord.CorruptRecordError as e:
+      return e.problem
+  if len(actual[0]) != num_records:
+    return f"the shard holds {len(actual[0])} records, the manifest lists {num_records}"
+  if listed is not None and not all(np.array_equal(a, b) for a, b in zip(listed, actual)):
+    rebuild = "it did not describe the shard's records"
+  if rebuild is not None:
+    tfrecord.write_index(index_path, *actual)
+    report(f"rebuilt '{index_path}': {rebuild}")
+  return None
 
 
-def _check_shards(out_dir: str, entry: dict[str, Any], verify: bool) -> None:
-  """Keeps the listed shards of a video up to the first one that is not whole.
+def _check_shards(out_dir: str, entry: dict[str, Any], verify: bool,
+                  report: Callable[[str], None]) -> None:
+  """Keeps the listed shards of a video up to the first one that is not whole (reported).
 
-  A video that loses shards is no longer complete: converting it again resumes from there.
+  A video that loses shards is no longer complete: converting it again resumes from there. The
+  frame counts of a complete video are corrected to what its shards hold.
   """
   kept = []
   for shard in entry["shards"]:
-    if not _shard_ok(os.path.join(out_dir, shard["file"]), shard["num_records"], verify):
+    path = os.path.join(out_dir, shard["file"])
+    problem = _check_shard(path, shard["num_records"], verify, report)
+    if problem is not None:
+      dropped = len(entry["shards"]) - len(kept)
+      report(f"converting video '{entry['id']}' again from '{path}' on ({dropped} shard"
+             f"{'s' if dropped > 1 else ''}): {problem}")
       break
     kept.append(shard)
   if len(kept) < len(entry["shards"]):
@@ -143,16 +174,22 @@ def _check_shards(out_dir: str, entry: dict[str, Any], verify: bool) -> None:
           os.remove(os.path.join(out_dir, name))
     entry["shards"] = kept
     entry["complete"] = False
+  stored = sum(shard["num_records"] for shard in kept)
+  if entry["complete"] and (entry["num_frames"], entry["frames_kept"]) != (stored, stored):
+    report(f"corrected '{manifest_lib.path_of(out_dir)}': it listed {entry['num_frames']} "
+           f"frames for video '{entry['id']}', its shards hold {stored}")
+    entry["num_frames"] = entry["frames_kept"] = stored
 
 
 def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Options, *,
                   video_id: str | None = None, verify: bool = False,
                   on_frame: Callable[[int], None] = lambda n: None,
-                  set_total: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+                  set_total: Callable[[int], None] = lambda n: None,
+                  report: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
   """Converts one video into `out_dir`, resuming its shards listed in `manifest`.
 
-  Listed shards are checked first (see `_shard_ok`; all CRCs with `verify`); from the first
-  damaged or missing one on, the video is converted again.
+  Listed shards are checked first (see `_check_shard`; all CRCs with `verify`); from the first
+  damaged or missing one on, the video is converted again. Each repair is one `report` line.
 
   Returns its manifest entry (also updated in `manifest` and saved after every shard).
   """
@@ -177,8 +214,9 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
           f"video id '{video_id}' of '{path}' is already in '{manifest_lib.path_of(out_dir)}' "
           f"from '{entry['source']}' ({entry['source_bytes']} bytes); rename the file or use "
           "another --out folder")
-  if entry is not None and entry["complete"]:
-    _check_shards(out_dir, entry, verify)
+  if entry is not None:
+    _check_shards(out_dir, entry, verify, report)
+    manifest_lib.save(out_dir, manifest)  # The repairs, before anything else can fail.
   if entry is not None and entry["complete"]:
     set_total(entry["frames_decoded"])
     on_frame(entry["frames_decoded"])
@@ -193,7 +231,6 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
                "height": None, "width": None, "source_height": stream.height,
                "source_width": stream.width, "shards": []}
       manifest["videos"].append(entry)
-    _check_shards(out_dir, entry, verify)
     if entry["shards"]:  # Counters as they were when the last complete shard was written.
       entry.update(entry["shards"][-1]["counts_after"])
       resume_after = entry["shards"][-1]["last_frame_index"]
@@ -287,22 +324,39 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
     container.close()
 
 
+def _make_output_folder(out_dir: str) -> None:
+  """Creates `out_dir` if needed; a one-line ConversionError when it cannot hold the shards."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConversionError(f"--out '{out_dir}' is a file, not a folder; give a folder")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_dir):  # Writable? Asked by writing, as root too.
+      pass
+  except OSError as e:
+    raise ConversionError(f"--out '{out_dir}' cannot hold the shards ({e.strerror or e}); "
+                          "give a writable folder") from None
+
+
 def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: int = 512,
             quality: int = 90, frames_per_shard: int = 1000, blank_threshold: float = 2.0,
             progress: bool = True, verify: bool = False,
-            errors: list[str] | None = None) -> dict[str, Any]:
+            errors: list[str] | None = None,
+            report: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Converts `videos` into shards in `out_dir` and returns the manifest.
 
   Each failing video gives a one-line message; the other videos are still converted. The messages
   are appended to `errors` when it is given, otherwise the first raises ConversionError at the end.
-  Errors about the output folder (another dataset's manifest, other options) raise at once.
+  Errors about the output folder (not a writable folder, another dataset's manifest, other
+  options) raise at once. Each file rewritten to repair the data already there (an index rebuilt,
+  a damaged shard converted again, a frame count corrected) is one line to `report` (default:
+  printed).
   """
   options = Options(every=every, short_side=short_side, quality=quality,
                     frames_per_shard=frames_per_shard, blank_threshold=float(blank_threshold))
   options.check()
   if not videos:
     raise ConversionError("no videos given")
-  os.makedirs(out_dir, exist_ok=True)
+  _make_output_folder(out_dir)
   manifest = _read_manifest(out_dir)
   wanted = dataclasses.asdict(options)
   if manifest is None:
@@ -319,6 +373,8 @@ def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: 
   failures: list[str] = []
   bar = tqdm.tqdm(total=0, unit="frame", dynamic_ncols=True, disable=not progress,
                   file=sys.stderr)
+  if report is None:
+    report = lambda line: bar.write(line, file=sys.stdout)  # Above the progress bar.
   try:
     for path in videos:
       video_id = video_id_for(path)
@@ -331,7 +387,7 @@ def convert(videos: Sequence[str], out_dir: str, *, every: int = 1, short_side: 
 
       try:
         convert_video(path, out_dir, manifest, options, video_id=video_id, verify=verify,
-                      on_frame=bar.update, set_total=lambda n: bar.reset(total=n))
+                      on_frame=bar.update, set_total=lambda n: bar.reset(total=n), report=report)
       except ConversionError as e:
         failures.append(str(e))
   finally:
@@ -371,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        quality=args.quality, frames_per_shard=args.frames_per_shard,
                        blank_threshold=args.blank_threshold, progress=not args.no_progress,
                        verify=args.verify, errors=errors)
-  except ConversionError as e:
+  except (ConversionError, OSError) as e:  # OSError: the output folder failing mid-way (full).
     print(f"dora-convert: error: {e}", file=sys.stderr)
     return 2
   for error in errors:

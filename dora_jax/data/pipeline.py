@@ -6,7 +6,8 @@
       .random_map(ClipViews)           decode + views, from the rng grain derives from the index
       [process_index::process_count]   this host's share: hosts see disjoint clips
       .to_iter_dataset(threads)        data.num_threads per process overlap clips
-      .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax)
+      .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax; they exit
+                                       when the process that started them dies, even by SIGKILL)
       .batch(batch_size)               this host's batch (the global batch / process_count)
 
 Every random choice is a function of (seed, position in the global stream), so the same seed
@@ -16,6 +17,10 @@ positions per worker) restores exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import threading
+import time
 from typing import Any
 
 import grain
@@ -49,11 +54,12 @@ def plan_clips(data_config: Any) -> ClipPlan:
   """Reads the manifest of `data.dir` once and checks the data config against it.
 
   Raises:
-    ValueError: one line naming the folder or `data.*` key that is wrong and what to do.
+    ValueError: one line naming the folder, file or `data.*` key that is wrong and what to do.
   """
   data_dir = str(data_config.dir)
   videos = manifest_lib.select_videos(manifest_lib.load(data_dir), tuple(data_config.video_ids),
                                       data_dir, int(data_config.get("num_videos", 0)))
+  source_lib.check_data(data_dir, videos)  # Before the frame counts below are trusted.
   frames_per_clip, stride = data_config.frames_per_clip, data_config.frame_stride
   if not isinstance(frames_per_clip, (int, np.integer)) or frames_per_clip < 1:
     raise ValueError(f"data.frames_per_clip must be an integer >= 1, got {frames_per_clip!r}")
@@ -142,9 +148,32 @@ def make_train_iterator(plan: ClipPlan, data_config: Any, *, batch_size: int, se
       grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, per_process)))
   if num_workers > 0:
     _ensure_absl_flags_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=per_process))
+    iter_dataset = iter_dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=per_process),
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return iter(iter_dataset.batch(batch_size, drop_remainder=True))
+
+
+_PARENT_POLL_SECONDS = 0.5  # How often a worker checks that the trainer is alive.
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain worker init: the worker exits once `parent_pid`, the trainer that spawned it, is gone.
+
+  grain stops its workers when the iterator is closed or the trainer exits normally; a trainer
+  killed (SIGKILL, the OOM killer) runs no cleanup, and its workers (with the resource tracker
+  they share) would live on under PID 1. A daemon thread in each worker polls its parent pid,
+  which changes when the parent dies. (Not PR_SET_PDEATHSIG: it fires when the *thread* that
+  spawned the worker exits, and grain spawns workers from its own pool threads.)
+  """
+  del worker_index, worker_count  # grain's signature; every worker does the same.
+
+  def watch() -> None:
+    while os.getppid() == parent_pid:
+      time.sleep(_PARENT_POLL_SECONDS)
+    os._exit(1)  # pylint: disable=protected-access  # No cleanup left to wait for: it is gone.
+
+  threading.Thread(target=watch, name="dora-exit-with-parent", daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -6,12 +6,14 @@ A TFRecord file is a sequence of records, each framed as
 
 (little endian; masked_crc(x) = ((crc >> 15) | (crc << 17)) + 0xa282ead8 mod 2**32), the format
 that `tf.data.TFRecordDataset` reads and `tf.io.TFRecordWriter` writes. Both CRCs are checked on
-every read here, so a flipped bit or a file cut short is an error naming the file, never a silently
-wrong frame.
+every read here, and a length against the bytes there before anything is read, so a flipped bit
+or a file cut short is a `CorruptRecordError` naming the file, record and byte, never a silently
+wrong frame nor an allocation of what a damaged length claims.
 
 Beside each shard `NAME.tfrecord` sits `NAME.tfrecord.idx`, one text line "offset size" per
 record (size including the 16 framing bytes), the format of NVIDIA DALI's `tfrecord2idx`, so any
-record can be read with one `pread`.
+record can be read with one `pread`. An index is checked against its shard's size when read: its
+records must follow each other from byte 0 to the end of the file.
 
 Each record of our shards is a `tf.train.Example` for one frame (the protos that
 tensorflow-datasets ships, so no TensorFlow at run time) with the features of `FRAME_FEATURES`.
@@ -31,6 +33,9 @@ _HEADER = struct.Struct("<QI")  # length, masked CRC of the length bytes.
 _FOOTER = struct.Struct("<I")  # masked CRC of the data.
 FRAMING_BYTES = _HEADER.size + _FOOTER.size  # 16
 INDEX_SUFFIX = ".idx"
+REPAIR = "re-run dora-convert with --verify"  # What to do about a damaged shard or index.
+# Longest index line: two 20-digit numbers, a space and a newline.
+_MAX_INDEX_LINE = 42
 
 # Feature keys of one frame record, and their tf.train.Feature kind.
 FRAME_FEATURES = {
@@ -45,7 +50,18 @@ FRAME_FEATURES = {
 
 
 class CorruptRecordError(ValueError):
-  """A TFRecord file whose framing or CRCs do not check out."""
+  """A TFRecord file or offset index that does not check out (framing, CRCs, sizes).
+
+  Raised with what is wrong, naming the file, record and byte (`problem`); the message adds
+  what to do. It pickles (grain workers send it to the trainer) with its one argument.
+  """
+
+  @property
+  def problem(self) -> str:
+    return self.args[0]
+
+  def __str__(self) -> str:
+    return f"{self.problem}; {REPAIR}"
 
 
 def masked_crc(data: bytes) -> int:
@@ -60,32 +76,48 @@ def frame_record(data: bytes) -> bytes:
   return length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data))
 
 
-def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | None) -> bytes:
-  """The data of the framed record `blob` read at `offset`, after checking length and CRCs."""
-  if len(blob) < _HEADER.size:
+def _read_header(path: str, index: int, offset: int, header: bytes) -> int:
+  """The data length in the record header `header`, once the length's own CRC checks out."""
+  if len(header) < _HEADER.size:
     raise CorruptRecordError(
         f"TFRecord '{path}' is cut short: record {index} at byte {offset} has "
-        f"{len(blob)} of {_HEADER.size} header bytes; re-run dora-convert")
-  length, length_crc = _HEADER.unpack_from(blob)
-  if masked_crc(blob[:8]) != length_crc:
+        f"{len(header)} of {_HEADER.size} header bytes")
+  length, length_crc = _HEADER.unpack_from(header)
+  if masked_crc(header[:8]) != length_crc:
     raise CorruptRecordError(
-        f"TFRecord '{path}': bad length CRC in record {index} at byte {offset} (file corrupt; "
-        "re-run dora-convert with --verify)")
+        f"TFRecord '{path}': bad length CRC in record {index} at byte {offset} (file corrupt)")
+  return length
+
+
+def _check_fits(path: str, index: int, offset: int, length: int, available: int) -> None:
+  """Checks that a record of data `length` fits in the `available` bytes from its `offset`.
+
+  Done before reading the data: a damaged length is an error, never an allocation of up to
+  2**64 bytes.
+  """
+  if length + FRAMING_BYTES > available:
+    raise CorruptRecordError(
+        f"TFRecord '{path}' is cut short: record {index} at byte {offset} needs "
+        f"{length + FRAMING_BYTES} bytes, {available} are left")
+
+
+def _check_record(path: str, index: int, offset: int, blob: bytes, size: int | None) -> bytes:
+  """The data of the framed record `blob` read at `offset`, after checking length and CRCs.
+
+  `blob` is what was read for the record: its index `size` bytes, or (`size` None, when walking
+  the framing) the record as its length field says.
+  """
+  length = _read_header(path, index, offset, blob[:_HEADER.size])
   if size is not None and length + FRAMING_BYTES != size:
     raise CorruptRecordError(
         f"TFRecord '{path}': record {index} at byte {offset} holds {length} bytes but its index "
-        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}; re-run dora-convert with --verify")
-  end = _HEADER.size + length + _FOOTER.size
-  if len(blob) < end:
-    raise CorruptRecordError(
-        f"TFRecord '{path}' is cut short: record {index} at byte {offset} needs {end} bytes, "
-        f"the file has {len(blob)}; re-run dora-convert")
+        f"'{path}{INDEX_SUFFIX}' says {size - FRAMING_BYTES}")
+  _check_fits(path, index, offset, length, len(blob))
   data = blob[_HEADER.size:_HEADER.size + length]
   (data_crc,) = _FOOTER.unpack_from(blob, _HEADER.size + length)
   if masked_crc(data) != data_crc:
     raise CorruptRecordError(
-        f"TFRecord '{path}': bad data CRC in record {index} at byte {offset} (file corrupt; "
-        "re-run dora-convert with --verify)")
+        f"TFRecord '{path}': bad data CRC in record {index} at byte {offset} (file corrupt)")
   return data
 
 
@@ -126,22 +158,29 @@ class TFRecordWriter:
 
 
 def write_index(index_path: str, offsets, sizes) -> None:
-  with open(index_path, "w") as f:
+  """Writes the offset index (under a temporary name, renamed when complete)."""
+  with open(index_path + ".tmp", "w") as f:
     f.writelines(f"{o} {s}\n" for o, s in zip(offsets, sizes))
+  os.replace(index_path + ".tmp", index_path)
 
 
 def iter_records(path: str) -> Iterator[bytes]:
-  """The records of a TFRecord file in order (any writer, TensorFlow's included), CRC-checked."""
+  """The records of a TFRecord file in order (any writer, TensorFlow's included), CRC-checked.
+
+  A file cut short at a record boundary reads as the records before the cut: only an index or a
+  record count can tell.
+  """
   with open(path, "rb") as f:
+    file_size = os.fstat(f.fileno()).st_size
     offset, index = 0, 0
     while True:
       header = f.read(_HEADER.size)
       if not header:
         return
-      length = _HEADER.unpack(header)[0] if len(header) == _HEADER.size else 0
+      length = _read_header(path, index, offset, header)
+      _check_fits(path, index, offset, length, file_size - offset)
       blob = header + f.read(length + _FOOTER.size)
-      data = _check_record(path, index, offset, blob, None)
-      yield data
+      yield _check_record(path, index, offset, blob, None)
       offset += len(blob)
       index += 1
 
@@ -157,33 +196,75 @@ def build_index(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(offsets, sizes) of the shard `path` from its index file `path.idx`."""
+  """(offsets, sizes) of the shard `path` from its index file `path.idx`, checked against it.
+
+  Only the file sizes are looked at, no record: the index must list records that follow each
+  other from byte 0 to the end of the shard, each at least the framing long.
+
+  Raises:
+    FileNotFoundError: the shard or its index is missing.
+    CorruptRecordError: the index is not such a list (binary, garbled, cut short, stale).
+  """
   index_path = path + INDEX_SUFFIX
   try:
-    with open(index_path) as f:
+    file_size = os.path.getsize(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"shard '{path}' is missing; {REPAIR}") from None
+  try:
+    with open(index_path, "rb") as f:
+      index_size = os.fstat(f.fileno()).st_size
+      if index_size > (file_size // FRAMING_BYTES + 1) * _MAX_INDEX_LINE:
+        raise CorruptRecordError(
+            f"offset index '{index_path}' has {index_size} bytes, too many for the "
+            f"{file_size} bytes of its shard")
       words = f.read().split()
   except FileNotFoundError:
     raise FileNotFoundError(
-        f"offset index '{index_path}' of shard '{path}' is missing; re-run dora-convert "
-        "(it rebuilds indexes)") from None
-  try:
-    table = np.array(words, dtype=np.int64).reshape(-1, 2)
-  except ValueError:
+        f"offset index '{index_path}' of shard '{path}' is missing; {REPAIR}") from None
+  table = None
+  if len(words) % 2 == 0:
+    try:
+      table = np.array(words, dtype=np.int64).reshape(-1, 2)
+    except (ValueError, OverflowError):  # Not decimal integers, or ones too large.
+      pass
+  if table is None:
     raise CorruptRecordError(
-        f"offset index '{index_path}' is not 'offset size' lines; re-run dora-convert with "
-        "--verify") from None
-  return table[:, 0].copy(), table[:, 1].copy()
+        f"offset index '{index_path}' is not lines of 'offset size' (garbled or binary)")
+  offsets, sizes = table[:, 0].copy(), table[:, 1].copy()
+  # Bounded by the file first, so that offset + size cannot overflow.
+  bad = np.flatnonzero((sizes < FRAMING_BYTES) | (sizes > file_size) | (offsets < 0) |
+                       (offsets > file_size))
+  ends = offsets + sizes
+  if not len(bad):  # Each record starts where the one before ends.
+    bad = np.flatnonzero(offsets != np.concatenate([[0], ends[:-1]]))
+  if len(bad):
+    i = int(bad[0])
+    raise CorruptRecordError(
+        f"offset index '{index_path}' is damaged at record {i} (listed at byte {offsets[i]}, "
+        f"{sizes[i]} bytes) for a {file_size}-byte shard")
+  end = int(ends[-1]) if len(ends) else 0
+  if end != file_size:
+    raise CorruptRecordError(
+        f"shard '{path}' has {file_size} bytes, but its index '{index_path}' lists "
+        f"{len(offsets)} records ending at byte {end} (shard cut short, or index stale)")
+  return offsets, sizes
 
 
 class ShardReader:
   """Random access to the records of one shard through its offset index.
 
   Thread-safe (`os.pread`) and picklable: the file is (re)opened lazily in each process.
+  With `num_records` (the count the manifest lists), an index listing another count is an error:
+  framing has no record numbers, so only the count tells a lost or extra index line.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, num_records: int | None = None):
     self.path = path
-    self._offsets, self._sizes = read_index(path)
+    self._offsets, self._sizes = read_index(path)  # Checked against the shard's size.
+    if num_records is not None and len(self._offsets) != num_records:
+      raise CorruptRecordError(
+          f"shard '{path}': its index '{path}{INDEX_SUFFIX}' lists {len(self._offsets)} records, "
+          f"the manifest {num_records}")
     self._fd: int | None = None
     self._pid: int | None = None
 
@@ -201,7 +282,7 @@ class ShardReader:
       try:
         self._fd = os.open(self.path, os.O_RDONLY)
       except FileNotFoundError:
-        raise FileNotFoundError(f"shard '{self.path}' is missing; re-run dora-convert") from None
+        raise FileNotFoundError(f"shard '{self.path}' is missing; {REPAIR}") from None
       self._pid = os.getpid()
     return self._fd
 
@@ -210,6 +291,7 @@ class ShardReader:
     if not 0 <= index < len(self._offsets):
       raise IndexError(f"record {index} out of range for shard '{self.path}' ({len(self)} records)")
     offset, size = int(self._offsets[index]), int(self._sizes[index])
+    # At most the index's size, which read_index bounded by the file's.
     blob = os.pread(self._descriptor(), size, offset)
     return _check_record(self.path, index, offset, blob, size)
 
@@ -251,7 +333,8 @@ def decode_frame(data: bytes, *, path: str = "?") -> dict[str, Any]:
   out = {}
   for key, kind in FRAME_FEATURES.items():
     if key not in feature:
-      raise CorruptRecordError(f"record in '{path}' lacks feature '{key}'; not a dora-convert shard")
+      raise CorruptRecordError(f"record in '{path}' lacks feature '{key}' (not a dora-convert "
+                               "shard)")
     values = getattr(feature[key], f"{kind}_list").value
     out[key] = values[0]
   out["video_id"] = out["video_id"].decode("utf-8")
