@@ -115,12 +115,26 @@ def test_epochs_are_reshuffled_and_hosts_see_disjoint_clips(data_dir):
   epoch0, epoch1 = clip_ids(single, 0, total), clip_ids(single, total, total)
   assert len(set(epoch0)) == total and set(epoch0) == set(epoch1) and epoch0 != epoch1
 
-  hosts = [_dataset(config, seed=4, process_index=p, process_count=2, with_clip_ids=True)
-           for p in range(2)]
+  hosts = [_dataset(config, seed=4, batch_size=1, process_index=p, process_count=2,
+                    with_clip_ids=True) for p in range(2)]
   host0, host1 = (set(clip_ids(h, 0, total // 2)) for h in hosts)
   assert not host0 & host1 and host0 | host1 == set(epoch0)  # One epoch, split in two.
   # The same clip gets the same views whichever host serves it.
   np.testing.assert_array_equal(hosts[1][0]["frames"], single[1]["frames"])
+
+
+def test_host_batches_stacked_in_process_order_are_the_single_process_batch(data_dir):
+  config = _config(data_dir)
+  single = _dataset(config, seed=6, with_clip_ids=True)
+  per_host = 3
+  hosts = [_dataset(config, seed=6, batch_size=per_host, process_index=p, process_count=2,
+                    with_clip_ids=True) for p in range(2)]
+  for batch in range(3):
+    stacked = [hosts[p][batch * per_host + j] for p in range(2) for j in range(per_host)]
+    expected = [single[batch * 2 * per_host + i] for i in range(2 * per_host)]
+    for got, want in zip(stacked, expected):
+      assert (int(got["video"]), list(got["frames"])) == (int(want["video"]), list(want["frames"]))
+      np.testing.assert_array_equal(got["crops"], want["crops"])  # The same views too.
 
 
 def test_bad_config_gives_one_line_errors_naming_the_key(data_dir, tmp_path):

@@ -4,15 +4,18 @@
       .seed(seed).shuffle()            global shuffle of all clips of the selected videos
       .repeat()                        endless; each epoch reshuffled (seed folded with the epoch)
       .random_map(ClipViews)           decode + views, from the rng grain derives from the index
-      [process_index::process_count]   this host's share: hosts see disjoint clips
+      HostShare                        this host's share: of each global batch of clips, the
+                                       contiguous block the host's devices hold
       .to_iter_dataset(threads)        data.num_threads per process overlap clips
       .mp_prefetch(num_workers)        worker processes (spawned; they never touch jax; they exit
                                        when the process that started them dies, even by SIGKILL)
       .batch(batch_size)               this host's batch (the global batch / process_count)
 
 Every random choice is a function of (seed, position in the global stream), so the same seed
-gives the same batches whatever data.num_workers is, and the iterator state (a small JSON dict:
-positions per worker) restores exactly.
+gives the same batches whatever data.num_workers is, the global batch is the same whatever the
+number of processes (process p holds rows [p*b, (p+1)*b) of it, as
+`jax.make_array_from_process_local_data` places them), and the iterator state (a small JSON
+dict: positions per worker) restores exactly.
 """
 from __future__ import annotations
 
@@ -101,11 +104,50 @@ def plan_clips(data_config: Any) -> ClipPlan:
   return ClipPlan(data_dir, tuple(videos), index)
 
 
-def make_dataset(plan: ClipPlan, data_config: Any, *, seed: int, process_index: int = 0,
-                 process_count: int = 1, with_clip_ids: bool = False) -> grain.MapDataset:
+class HostShare(grain.MapDataset):
+  """Process p's share of a global stream batched by `process_count * batch_size`.
+
+  Element k of the share is element (k // b * P + p) * b + k % b of the stream (b = batch_size,
+  P = process_count): the hosts' batches, stacked in process order, are the global batch a
+  single process would make.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    if batch_size < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f"batch_size={batch_size} must be >= 1 and process_index={process_index} "
+                       f"in [0, process_count={process_count})")
+    self._batch_size = batch_size
+    self._process_index = process_index
+    self._process_count = process_count
+    self._length = len(parent) // process_count
+
+  def __len__(self) -> int:
+    return self._length
+
+  def parent_index(self, index: int) -> int:
+    batch, offset = divmod(int(index), self._batch_size)
+    return (batch * self._process_count + self._process_index) * self._batch_size + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.parent_index(index)]
+
+  def __str__(self) -> str:
+    return (f"HostShare(process {self._process_index} of {self._process_count}, "
+            f"{self._batch_size} clips per batch)")
+
+
+def make_dataset(plan: ClipPlan, data_config: Any, *, seed: int, batch_size: int = 1,
+                 process_index: int = 0, process_count: int = 1,
+                 with_clip_ids: bool = False) -> grain.MapDataset:
   """This host's endless MapDataset of clip views (unbatched), {'frames', 'crops'} per clip.
 
-  With `with_clip_ids` each element also has 'video' and 'frames' (see `views.ClipViews`).
+  `batch_size` is the per-process batch: it sets which clips of the global stream are this
+  host's (`HostShare`). With `with_clip_ids` each element also has 'video' and 'frames' (see
+  `views.ClipViews`).
   """
   clips = source_lib.ClipSource(plan.data_dir, plan.videos, plan.index.frames_per_clip,
                                 plan.index.frame_stride)
@@ -117,7 +159,10 @@ def make_dataset(plan: ClipPlan, data_config: Any, *, seed: int, process_index: 
              .random_map(views_lib.ClipViews(views_lib.ViewConfig.from_config(data_config),
                                              with_clip_ids)))
   # After the random map, so the views of a clip depend on its place in the global stream only.
-  return dataset[process_index::process_count]
+  if process_count == 1:
+    return dataset
+  return HostShare(dataset, batch_size=batch_size, process_index=process_index,
+                   process_count=process_count)
 
 
 def make_train_iterator(plan: ClipPlan, data_config: Any, *, batch_size: int, seed: int,
@@ -134,8 +179,8 @@ def make_train_iterator(plan: ClipPlan, data_config: Any, *, batch_size: int, se
   batch_size ('crops' absent when data.num_local_crops == 0). The iterator has
   `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
   """
-  dataset = make_dataset(plan, data_config, seed=seed, process_index=process_index,
-                         process_count=process_count)
+  dataset = make_dataset(plan, data_config, seed=seed, batch_size=batch_size,
+                         process_index=process_index, process_count=process_count)
   num_workers = int(data_config.num_workers)
   buffer = int(data_config.prefetch_buffer_size)
   threads = int(data_config.num_threads)
