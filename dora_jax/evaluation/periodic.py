@@ -1,0 +1,190 @@
+"""Evaluators during pretraining (as big_vision runs them): k-NN and tracking IoU every n steps.
+
+The trainer builds one `PeriodicEvaluator` from the config's `eval` section (`add_eval_config`
+lists the keys) and, when `due(step)`, calls `run(teacher_backbone, step)` on every process; the
+returned metrics (`knn_top1`, `knn_top5`, `track_iou`, `track_iou_last`) go to metrics.jsonl and
+TensorBoard like the training metrics:
+
+  evaluator = periodic.PeriodicEvaluator.from_config(config, demo_tour=...)
+  ...
+  if evaluator.due(step, total_steps):
+    writer.write_scalars(step, evaluator.run(train_step.teacher_backbone(graphdef, state), step))
+
+The image sources are meant to be small (a few thousand images, e.g. tfds:imagenette/160px:
+train[:2000]): their preprocessed crops and the tour's clips are prepared once, at the first run,
+and kept in memory; each run then only re-runs the backbone. Every process runs the evaluators on
+its own devices (the data is small) and gets the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from dora_jax import models
+from dora_jax.models import vit
+from dora_jax.evaluation import features as features_lib
+from dora_jax.evaluation import image_sources
+from dora_jax.evaluation import knn as knn_lib
+from dora_jax.evaluation import track as track_lib
+
+DEMO_TOUR = "demo"  # eval.track_data value: the run's own synthetic tour (data.synthetic).
+
+
+def add_eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the `eval` section with its defaults (evaluators off) to `config`; returns the section."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 0  # Run the evaluators every n train steps and at the last step (0: never).
+  c.batch_size = 128  # Images per forward pass over this host's devices.
+  c.knn_train = ""  # k-NN memory bank: an image folder (ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT; "": no k-NN.
+  c.knn_val = ""  # Images the k-NN classifies (the same classes), same forms.
+  c.tfds_data_dir = ""  # data_dir of tfds sources ("": tfds's default).
+  c.knn_k = 20  # Neighbours that vote (DINO: 20).
+  c.knn_temperature = 0.07  # Vote weight exp(cosine / temperature) (DINO: 0.07).
+  c.knn_resize_size = 256  # k-NN images: shorter side after the resize (DINO: 256)...
+  c.knn_crop_size = 224  # ...then this centre crop (DINO: 224).
+  c.track_data = ""  # Synthetic tour (.mp4 beside .masks.npz, or its folder); "demo": the run's own; "": none.
+  c.track_clips = 16  # Clips anchored evenly over the tour.
+  c.track_frames_per_clip = 0  # Frames per clip (0: data.frames_per_clip).
+  c.track_frame_stride = 0  # Tour frames between a clip's frames (0: data.frame_stride).
+  c.track_short_side = 0  # Shorter side of the frames the teacher sees (0: data.global_size).
+  config.eval = c
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The `eval` section, parsed once (see `add_eval_config` for the meaning of each key)."""
+  every_steps: int
+  batch_size: int
+  knn_train: str
+  knn_val: str
+  tfds_data_dir: str
+  knn_k: int
+  knn_temperature: float
+  knn_resize_size: int
+  knn_crop_size: int
+  track_data: str
+  track: track_lib.TrackSettings
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *,
+                  demo_tour: str | None = None) -> "EvalSettings":
+    """Reads `config.eval`, and `config.dora` / `config.data` / `config.model` for the tracker.
+
+    Args:
+      config: a training config with an `eval` section.
+      demo_tour: the run's synthetic tour, used when eval.track_data is "demo".
+
+    Raises:
+      ValueError: naming the key, for inconsistent values.
+    """
+    e = config.eval
+    if bool(e.knn_train) != bool(e.knn_val):
+      raise ValueError("config keys eval.knn_train and eval.knn_val go together: set both (or "
+                       f"neither); got {e.knn_train!r} and {e.knn_val!r}.")
+    track_data = e.track_data
+    if track_data == DEMO_TOUR:
+      if not demo_tour:
+        raise ValueError('config key eval.track_data="demo" needs the synthetic tour of '
+                         "data.synthetic; set data.synthetic=True or give a tour's path.")
+      track_data = demo_tour
+    patch_size = vit.resolve_size(config.model.variant,
+                                         **models.size_overrides(config.model)).patch_size
+    track = track_lib.TrackSettings(
+        num_clips=int(e.track_clips),
+        frames_per_clip=int(e.track_frames_per_clip or config.data.frames_per_clip),
+        frame_stride=int(e.track_frame_stride or config.data.frame_stride),
+        short_side=int(e.track_short_side or config.data.global_size),
+        size_multiple=patch_size,
+        num_objects=int(config.dora.num_objects),
+        sinkhorn_iters=int(config.dora.sinkhorn_iters),
+        sinkhorn_epsilon=float(config.dora.sinkhorn_epsilon),
+        mask_threshold=config.dora.mask_threshold,
+        seed=int(config.seed))
+    for key, value in (("every_steps", e.every_steps), ("batch_size", e.batch_size),
+                       ("knn_k", e.knn_k), ("track_clips", e.track_clips)):
+      if int(value) < (0 if key == "every_steps" else 1):
+        raise ValueError(f"config key eval.{key} must be a positive integer; got {value!r}.")
+    return cls(every_steps=int(e.every_steps), batch_size=int(e.batch_size),
+               knn_train=e.knn_train, knn_val=e.knn_val, tfds_data_dir=e.tfds_data_dir,
+               knn_k=int(e.knn_k), knn_temperature=float(e.knn_temperature),
+               knn_resize_size=int(e.knn_resize_size), knn_crop_size=int(e.knn_crop_size),
+               track_data=track_data, track=track)
+
+
+class PeriodicEvaluator:
+  """Runs the configured evaluators on a backbone; see the module docstring."""
+
+  def __init__(self, settings: EvalSettings):
+    """Opens the sources (a missing folder or dataset fails here, before training starts).
+
+    Raises:
+      image_sources.SourceError, track.TourError: one-line messages for bad data.
+    """
+    self.settings = settings
+    self._knn_sources = None
+    if settings.knn_train:
+      self._knn_sources = tuple(
+          image_sources.open_source(spec, tfds_data_dir=settings.tfds_data_dir or None)
+          for spec in (settings.knn_train, settings.knn_val))
+      if self._knn_sources[0].num_classes != self._knn_sources[1].num_classes:
+        raise image_sources.SourceError(
+            f"eval.knn_train {settings.knn_train} has {self._knn_sources[0].num_classes} classes, "
+            f"eval.knn_val {settings.knn_val} {self._knn_sources[1].num_classes}.")
+    self._tour = track_lib.load_tour(settings.track_data) if settings.track_data else None
+    self._knn_images = None  # (train (images, labels), val (images, labels)), at the first run.
+    self._clips = None  # (frames, masks) of the tracking clips, at the first run.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *,
+                  demo_tour: str | None = None) -> "PeriodicEvaluator":
+    return cls(EvalSettings.from_config(config, demo_tour=demo_tour))
+
+  @property
+  def enabled(self) -> bool:
+    return self.settings.every_steps > 0 and (self._knn_sources is not None
+                                              or self._tour is not None)
+
+  def due(self, step: int, total_steps: int) -> bool:
+    """Whether to evaluate after `step` updates (every `every_steps`, and the last step)."""
+    return self.enabled and (step % self.settings.every_steps == 0 or step == total_steps)
+
+  def run(self, backbone, step: int) -> dict[str, float]:
+    """The metrics of `backbone` (the teacher's ViT): knn_top1/knn_top5 (percent), track_iou and
+    track_iou_last (the IoU at the clips' last frame), for the evaluators configured."""
+    start = time.perf_counter()
+    metrics = {}
+    s = self.settings
+    if self._knn_sources is not None:
+      if self._knn_images is None:
+        self._knn_images = tuple(
+            features_lib.load_preprocessed(source, resize_size=s.knn_resize_size,
+                                           crop_size=s.knn_crop_size)
+            for source in self._knn_sources)
+      encoder = features_lib.Encoder(backbone, ("cls",))
+      batch_size = encoder.padded_size(s.batch_size)
+      (train_features, train_labels), (val_features, val_labels) = [
+          features_lib.embed_batches(
+              encoder, features_lib.array_batches(images, labels, batch_size),
+              total=len(labels), batch_size=batch_size, progress=False)
+          for images, labels in self._knn_images]
+      top1, top5 = knn_lib.knn_classifier(
+          train_features, train_labels, val_features, val_labels, k=s.knn_k,
+          temperature=s.knn_temperature, num_classes=self._knn_sources[0].num_classes)
+      metrics.update(knn_top1=top1, knn_top5=top5)
+    if self._tour is not None:
+      if self._clips is None:
+        self._clips = track_lib.make_clips(*self._tour, s.track)
+      encoder = features_lib.Encoder(backbone, track_lib.BACKBONE_OUTPUTS)
+      masks = track_lib.track_objects(encoder, self._clips[0], s.track, batch_size=s.batch_size)
+      report = track_lib.tracking_iou(masks, self._clips[1])
+      if report["track_iou"] is not None:
+        metrics.update(track_iou=report["track_iou"],
+                       track_iou_last=report["track_iou_per_offset"][-1])
+    logging.info("Evaluation at step %d (%.1f s): %s", step, time.perf_counter() - start,
+                 {name: round(float(value), 4) for name, value in metrics.items()})
+    return {name: float(np.asarray(value)) for name, value in metrics.items()}
