@@ -203,3 +203,39 @@ def test_layout_errors_name_what_is_missing(tmp_path):
   Image.new("RGB", (8, 8)).save(root / "JPEGImages" / "480p" / "seq" / "00000.jpg")
   with pytest.raises(davis.DavisError, match="no first-frame annotation .*seq/00000.png"):
     davis.list_sequences(str(root), ["seq"])
+
+
+def test_features_that_name_their_position_propagate_a_still_video_exactly(tmp_path):
+  """A backbone whose patch token is the one-hot of its grid position, on a video that does not
+  move: every patch finds itself in the sources, so every frame gets the first frame's labels at
+  patch resolution, then upsampled as DINO does (bilinear, so convex corners are rounded off)."""
+  root = tmp_path / "DAVIS"
+  for sub in ("JPEGImages", "Annotations"):
+    (root / sub / "480p" / "still").mkdir(parents=True)
+  labels = np.zeros((32, 64), np.uint8)  # Objects on whole patches of a 4 x 8 grid of 8 px.
+  labels[8:24, 8:32] = 1
+  labels[0:16, 40:64] = 2
+  frame = np.random.default_rng(0).integers(0, 256, size=(32, 64, 3), dtype=np.uint8)
+  for i in range(4):
+    Image.fromarray(frame).save(root / "JPEGImages" / "480p" / "still" / f"{i:05d}.jpg")
+    davis.write_indexed_png(str(root / "Annotations" / "480p" / "still" / f"{i:05d}.png"), labels,
+                            davis.default_palette())
+
+  def position_backbone(images):
+    return {"tokens": np.eye(32, dtype=np.float32)[None].repeat(images.shape[0], axis=0)}
+
+  report = davis.evaluate_davis(position_backbone, str(root), str(tmp_path / "out"),
+                                sequences=["still"], settings=davis.PropagationSettings(
+                                    short_side=32, n_last_frames=2), progress=False)
+  one_hot = np.eye(3)[labels[::8, ::8]].transpose(2, 0, 1)  # (C, 4, 8)
+  expected = np.argmax(bilinear_upsample(one_hot, 8), axis=0)
+  assert 0 < np.sum(expected != labels) < 50  # Only pixels at the 5 convex corners change.
+  written = []
+  for i in range(4):
+    with Image.open(tmp_path / "out" / "still" / f"{i:05d}.png") as image:
+      written.append(np.asarray(image))
+  np.testing.assert_array_equal(written[0], labels)
+  for predicted in written[1:]:
+    np.testing.assert_array_equal(predicted, expected)
+  j = [davis.region_similarity(labels == obj, expected == obj) for obj in (1, 2)]
+  assert report["J"] == pytest.approx(np.mean(j)) and 0.9 < report["J"] < 1

@@ -104,3 +104,15 @@ def test_features_over_four_devices_equal_a_direct_call(tmp_path):
   again, _ = features.embed_batches(encoder, features.array_batches(images, same_labels, 8),
                                     total=7, batch_size=8, progress=False)
   np.testing.assert_allclose(again, feats, rtol=1e-6, atol=1e-6)
+
+
+def test_any_function_of_images_is_a_backbone(tmp_path):
+  source = image_sources.open_source(str(_write_folder(tmp_path / "images", {"a": 2, "b": 3})))
+  mean_colour = lambda images: {"cls": images.mean(axis=(1, 2)), "unused": images}
+  feats, labels = features.extract_features(mean_colour, source, batch_size=2, resize_size=20,
+                                            crop_size=16, progress=False)
+  crops = np.stack([features.preprocess(source[i][0], resize_size=20, crop_size=16)
+                    for i in range(len(source))]).astype(np.float64)
+  expected = (crops / 255 - train_step.PIXEL_MEAN) / train_step.PIXEL_STD
+  np.testing.assert_allclose(feats, expected.mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1, 1])

@@ -81,6 +81,9 @@ def test_run_on_tiny_data(tmp_path):
                    knn_val=_colour_folder(tmp_path / "val", 2),
                    track_data=str(tmp_path), track_clips=2)
   evaluator = periodic.PeriodicEvaluator.from_config(config)
+  with pytest.raises(track.TourError, match="the tour has 10 frames"):  # Checked when built.
+    periodic.PeriodicEvaluator.from_config(_config(every_steps=5, track_data=str(tmp_path),
+                                                   track_frame_stride=5))
   assert [s for s in range(1, 13) if evaluator.due(s, total_steps=12)] == [5, 10, 12]
   model = vit.VisionTransformer(None, dim=32, depth=2, num_heads=4, patch_size=8, img_size=16,
                                 rngs=nnx.Rngs(0))

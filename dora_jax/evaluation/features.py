@@ -103,8 +103,12 @@ class Encoder:
       state = jax.tree.map(lambda leaf: _to_local(leaf, replicated), state)
       self._forward = lambda images: _module_forward(graphdef, state, images, outputs)
     else:
-      self._forward = jax.jit(
-          lambda images: {name: backbone(normalize(images))[name] for name in outputs})
+
+      def forward(images):
+        out = backbone(normalize(images))
+        return {name: out[name] for name in outputs}
+
+      self._forward = jax.jit(forward)
 
   def padded_size(self, batch: int) -> int:
     """The batch the devices see: `batch` rounded up to a multiple of the device count."""

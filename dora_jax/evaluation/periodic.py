@@ -11,8 +11,9 @@ TensorBoard like the training metrics:
     writer.write_scalars(step, evaluator.run(train_step.teacher_backbone(graphdef, state), step))
 
 The image sources are meant to be small (a few thousand images, e.g. tfds:imagenette/160px:
-train[:2000]): their preprocessed crops and the tour's clips are prepared once, at the first run,
-and kept in memory; each run then only re-runs the backbone. Every process runs the evaluators on
+train[:2000]; 2000 crops of 224 px hold 300 MB): their preprocessed crops and the tour's clips are
+prepared once, when the evaluator is built, and kept in memory; each run only re-runs the
+backbone. Every process runs the evaluators on
 its own devices (the data is small) and gets the same numbers.
 """
 from __future__ import annotations
@@ -120,24 +121,30 @@ class PeriodicEvaluator:
   """Runs the configured evaluators on a backbone; see the module docstring."""
 
   def __init__(self, settings: EvalSettings):
-    """Opens the sources (a missing folder or dataset fails here, before training starts).
+    """Reads and prepares the data: missing or unusable data fails here, before training starts.
 
     Raises:
       image_sources.SourceError, track.TourError: one-line messages for bad data.
     """
     self.settings = settings
-    self._knn_sources = None
+    self._num_classes = 0
+    self._knn_images = None  # ((train images, labels), (val images, labels)), preprocessed.
     if settings.knn_train:
-      self._knn_sources = tuple(
-          image_sources.open_source(spec, tfds_data_dir=settings.tfds_data_dir or None)
-          for spec in (settings.knn_train, settings.knn_val))
-      if self._knn_sources[0].num_classes != self._knn_sources[1].num_classes:
+      train, val = (image_sources.open_source(spec, tfds_data_dir=settings.tfds_data_dir or None)
+                    for spec in (settings.knn_train, settings.knn_val))
+      if train.num_classes != val.num_classes:
         raise image_sources.SourceError(
-            f"eval.knn_train {settings.knn_train} has {self._knn_sources[0].num_classes} classes, "
-            f"eval.knn_val {settings.knn_val} {self._knn_sources[1].num_classes}.")
-    self._tour = track_lib.load_tour(settings.track_data) if settings.track_data else None
-    self._knn_images = None  # (train (images, labels), val (images, labels)), at the first run.
-    self._clips = None  # (frames, masks) of the tracking clips, at the first run.
+            f"eval.knn_train {settings.knn_train} has {train.num_classes} classes, "
+            f"eval.knn_val {settings.knn_val} {val.num_classes}.")
+      self._num_classes = train.num_classes
+      self._knn_images = tuple(
+          features_lib.load_preprocessed(source, resize_size=settings.knn_resize_size,
+                                         crop_size=settings.knn_crop_size)
+          for source in (train, val))
+    self._clips = None  # (frames (C, T, H, W, 3), masks (C, T, H, W)) of the tracking clips.
+    if settings.track_data:
+      self._clips = track_lib.make_clips(*track_lib.load_tour(settings.track_data),
+                                         settings.track)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *,
@@ -146,8 +153,8 @@ class PeriodicEvaluator:
 
   @property
   def enabled(self) -> bool:
-    return self.settings.every_steps > 0 and (self._knn_sources is not None
-                                              or self._tour is not None)
+    return self.settings.every_steps > 0 and (self._knn_images is not None
+                                              or self._clips is not None)
 
   def due(self, step: int, total_steps: int) -> bool:
     """Whether to evaluate after `step` updates (every `every_steps`, and the last step)."""
@@ -159,12 +166,7 @@ class PeriodicEvaluator:
     start = time.perf_counter()
     metrics = {}
     s = self.settings
-    if self._knn_sources is not None:
-      if self._knn_images is None:
-        self._knn_images = tuple(
-            features_lib.load_preprocessed(source, resize_size=s.knn_resize_size,
-                                           crop_size=s.knn_crop_size)
-            for source in self._knn_sources)
+    if self._knn_images is not None:
       encoder = features_lib.Encoder(backbone, ("cls",))
       batch_size = encoder.padded_size(s.batch_size)
       (train_features, train_labels), (val_features, val_labels) = [
@@ -174,11 +176,9 @@ class PeriodicEvaluator:
           for images, labels in self._knn_images]
       top1, top5 = knn_lib.knn_classifier(
           train_features, train_labels, val_features, val_labels, k=s.knn_k,
-          temperature=s.knn_temperature, num_classes=self._knn_sources[0].num_classes)
+          temperature=s.knn_temperature, num_classes=self._num_classes)
       metrics.update(knn_top1=top1, knn_top5=top5)
-    if self._tour is not None:
-      if self._clips is None:
-        self._clips = track_lib.make_clips(*self._tour, s.track)
+    if self._clips is not None:
       encoder = features_lib.Encoder(backbone, track_lib.BACKBONE_OUTPUTS)
       masks = track_lib.track_objects(encoder, self._clips[0], s.track, batch_size=s.batch_size)
       report = track_lib.tracking_iou(masks, self._clips[1])
