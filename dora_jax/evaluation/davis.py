@@ -261,6 +261,8 @@ def segment_sequence(encoder: features_lib.Encoder, frames: Sequence[np.ndarray]
   Returns:
     (T, H, W) uint8 labels; frame 0 is `first_labels`.
   """
+  if len(frames) == 1:
+    return first_labels[None].astype(np.uint8)
   height, width = frames[0].shape[:2]
   size = frame_size(height, width, settings.short_side, settings.size_multiple)
   resized = np.stack([np.asarray(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
@@ -277,8 +279,6 @@ def segment_sequence(encoder: features_lib.Encoder, frames: Sequence[np.ndarray]
   small = np.asarray(Image.fromarray(first_labels.astype(np.uint8)).resize(grid[::-1],
                                                                            Image.NEAREST))
   one_hot = np.eye(num_classes, dtype=np.float32)[small.reshape(-1)]
-  if len(frames) == 1:
-    return first_labels[None].astype(np.uint8)
   soft = propagate(jnp.asarray(tokens), jnp.asarray(one_hot),
                    jnp.asarray(neighborhood_mask(grid, settings.size_mask_neighborhood)),
                    n_last_frames=settings.n_last_frames, topk=settings.topk,

@@ -51,7 +51,7 @@ def _batch_votes(test: jax.Array, train_chunks: jax.Array, label_chunks: jax.Arr
     features, labels, valid = chunk
     sims = jnp.einsum("bd,cd->bc", test, features, precision=jax.lax.Precision.HIGHEST)
     sims = jnp.where(valid[None, :], sims, -jnp.inf)
-    # Top-k over the running best and this chunk: a chunk can never push out more than k.
+    # The k best so far and this chunk's c candidates: the k best of both are the k best yet.
     all_sims = jnp.concatenate([running[0], sims], axis=1)
     all_labels = jnp.concatenate([running[1], jnp.broadcast_to(labels, sims.shape)], axis=1)
     best, index = jax.lax.top_k(all_sims, k)
