@@ -38,6 +38,7 @@ setuptools.setup(
         "console_scripts": [
             "dora-convert=dora_jax.data.convert:main",
             "dora-train=dora_jax.main:main",
+            "dora-eval=dora_jax.eval_main:main",
         ],
     },
 )

@@ -88,6 +88,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.prefetch_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.num_threads = 2  # Threads per data process (main or worker) making clips in parallel.
 
+  # ---- Evaluators during pretraining (k-NN, tracking IoU), logged like the train metrics. ----
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # Run the evaluators every n train steps and at the last step (0: never).
+  c.eval.batch_size = 128  # Images per forward pass over this host's devices.
+  c.eval.knn_train = ""  # k-NN memory bank: an image folder (ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT; "": no k-NN.
+  c.eval.knn_val = ""  # Images the k-NN classifies (the same classes), same forms.
+  c.eval.tfds_data_dir = ""  # data_dir of tfds sources ("": tfds's default).
+  c.eval.knn_k = 20  # Neighbours that vote (DINO: 20).
+  c.eval.knn_temperature = 0.07  # Vote weight exp(cosine / temperature) (DINO: 0.07).
+  c.eval.knn_resize_size = 256  # k-NN images: shorter side after the resize (DINO: 256)...
+  c.eval.knn_crop_size = 224  # ...then this centre crop (DINO: 224).
+  c.eval.track_data = ""  # Synthetic tour (.mp4 beside .masks.npz, or its folder); "demo": the run's own; "": none.
+  c.eval.track_clips = 16  # Clips anchored evenly over the tour.
+  c.eval.track_frames_per_clip = 0  # Frames per clip (0: data.frames_per_clip).
+  c.eval.track_frame_stride = 0  # Tour frames between a clip's frames (0: data.frame_stride).
+  c.eval.track_short_side = 0  # Shorter side of the frames the teacher sees (0: data.global_size).
+
   # ---- Mesh and parallelism. ----
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all devices).

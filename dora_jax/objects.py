@@ -52,10 +52,10 @@ class DoraOptions:
     return cls(num_objects=num_objects, sinkhorn_iters=int(dora_config.sinkhorn_iters),
                sinkhorn_epsilon=float(dora_config.sinkhorn_epsilon),
                mask_mode=str(dora_config.mask_mode),
-               mask_threshold=_parse_threshold(dora_config.mask_threshold))
+               mask_threshold=parse_threshold(dora_config.mask_threshold))
 
 
-def _parse_threshold(value) -> str | float:
+def parse_threshold(value) -> str | float:
   """'mean' (or another named rule of `tracking.object_masks`) or a number, maybe as a string."""
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     return float(value)
@@ -69,36 +69,53 @@ def _parse_threshold(value) -> str | float:
   return str(value)
 
 
-def object_views(options: DoraOptions, teacher_out: dict[str, jax.Array], frames: jax.Array,
-                 key: jax.Array) -> dict[str, jax.Array]:
-  """Discover, refine, track and mask (docs/DESIGN.md steps 3-6) from the teacher's outputs.
+def track_objects(options: DoraOptions, teacher_out: dict[str, jax.Array],
+                  clip_shape: tuple[int, int, int, int], key: jax.Array) -> dict[str, jax.Array]:
+  """Discover, refine, track and binarise (docs/DESIGN.md steps 3-6) from the teacher's outputs.
 
   Args:
     options: the parsed `config.dora`.
     teacher_out: the backbone dict of the teacher on the frames reshaped to (B*T, H, W, 3):
       `attn` (B*T, h, N+1, N+1), `q`, `k` (B*T, h, N+1, d_head), `tokens` (B*T, N, D).
-    frames: (B, T, H, W, 3) normalised frames; frame 0 of each clip is the anchor.
-    key: PRNG key for the head pick and the removed objects.
+    clip_shape: (B, T, H, W); frame 0 of each clip is the anchor.
+    key: PRNG key for the head pick.
 
-  Returns dict: prototypes (B, k, d) refined, plan (B, k, N), heatmaps (B, T, k, N), masks
-    (B, T, k, H, W) bool, views (B, T, V, H, W, 3), visible (B, T, V, H, W); all without gradient.
+  Returns dict (no gradient): prototypes (B, k, d) refined, plan (B, k, N), heatmaps
+    (B, T, k, N), masks (B, T, k, H, W) bool.
   """
-  batch, frames_per_clip, height, width, _ = frames.shape
+  batch, frames_per_clip, height, width = clip_shape
   per_clip = lambda x: jax.lax.stop_gradient(x).reshape((batch, frames_per_clip) + x.shape[1:])
   attn, queries, keys = (per_clip(teacher_out[name]) for name in ("attn", "q", "k"))
   tokens = per_clip(teacher_out["tokens"])  # (B, T, N, D)
   patch = int(round(math.sqrt(height * width / tokens.shape[2])))
-  heads_key, objects_key = jax.random.split(key)
-  prototypes = tracking.discover(attn[:, 0], queries[:, 0], heads_key,
-                                 num_objects=options.num_objects)
+  prototypes = tracking.discover(attn[:, 0], queries[:, 0], key, num_objects=options.num_objects)
   refined, plan = tracking.refine(prototypes, tokens[:, 0], epsilon=options.sinkhorn_epsilon,
                                   num_iters=options.sinkhorn_iters)
   heatmaps = tracking.track(refined, tracking.concat_heads(keys[:, :, :, 1:]))
   masks = tracking.object_masks(heatmaps, grid_size=(height // patch, width // patch),
                                 image_size=(height, width), threshold=options.mask_threshold)
-  views, visible = tracking.apply_masks(frames, masks, objects_key, mode=options.mask_mode)
-  return dict(prototypes=refined, plan=plan, heatmaps=heatmaps, masks=masks,
-              views=jax.lax.stop_gradient(views), visible=visible)
+  return dict(prototypes=refined, plan=plan, heatmaps=heatmaps, masks=masks)
+
+
+def object_views(options: DoraOptions, teacher_out: dict[str, jax.Array], frames: jax.Array,
+                 key: jax.Array) -> dict[str, jax.Array]:
+  """The student's object-aware views (docs/DESIGN.md steps 3-6) from the teacher's outputs.
+
+  Args:
+    options: the parsed `config.dora`.
+    teacher_out: the backbone dict of the teacher on the frames reshaped to (B*T, H, W, 3)
+      (see `track_objects`).
+    frames: (B, T, H, W, 3) normalised frames; frame 0 of each clip is the anchor.
+    key: PRNG key for the head pick and the removed objects.
+
+  Returns dict: those of `track_objects`, and views (B, T, V, H, W, 3), visible (B, T, V, H, W);
+    all without gradient.
+  """
+  heads_key, objects_key = jax.random.split(key)
+  found = track_objects(options, teacher_out, frames.shape[:4], heads_key)
+  views, visible = tracking.apply_masks(frames, found["masks"], objects_key,
+                                        mode=options.mask_mode)
+  return dict(found, views=jax.lax.stop_gradient(views), visible=visible)
 
 
 def object_overlap(masks: jax.Array) -> jax.Array:

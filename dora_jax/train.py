@@ -6,7 +6,7 @@
   update      the train step of `train_step.py`, jitted with those shardings, state donated.
   checkpoint  restore the work folder's latest checkpoint (state + data position) or initialise.
   input       the grain iterator of this host's batches, at the restored position.
-  loop        step, metrics, pictures, checkpoints, until `total_steps` or SIGTERM (preemption),
+  loop        step, metrics, pictures, evaluators (`config.eval`), checkpoints, until `total_steps` or SIGTERM (preemption),
               which saves and returns; a non-finite loss stops the run, keeping the last good
               checkpoint.
 """
@@ -23,10 +23,12 @@ import numpy as np
 from dora_jax import checkpoints as checkpoints_lib
 from dora_jax import metrics as metrics_lib
 from dora_jax import preflight
+from dora_jax import pretrained
 from dora_jax import sharding as sharding_lib
 from dora_jax import train_step
 from dora_jax import visualize
 from dora_jax.data import pipeline
+from dora_jax.evaluation import periodic
 
 PICTURES_DIR = "pictures"
 
@@ -47,6 +49,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plan = preflight.plan_run(config, workdir)
   workdir, total_steps = plan.workdir, plan.total_steps
   is_primary = jax.process_index() == 0
+
+  # ---- Evaluators: their data is read now, so bad data fails before anything compiles. ----
+  evaluator = make_evaluator(config, plan)
 
   # ---- Mesh, state shapes and shardings. ----
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -150,6 +155,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             jax.random.PRNGKey(config.seed), step)))
         if is_primary:
           _write_picture(workdir, step, arrays, writer)
+      if evaluator.due(step, total_steps):  # Every process runs it, on its own devices.
+        scores = evaluator.run(pretrained.teacher_backbone(graphdef, state), step)
+        writer.write_scalars(step, scores)
+        writer.message(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
       if save_now:
         checkpointer.save(step, state, data_iter.get_state())
       writer.advance(step)
@@ -169,6 +178,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 # ---- Helpers of the loop. ----
+
+
+def make_evaluator(config: ml_collections.ConfigDict,
+                   plan: preflight.RunPlan) -> periodic.PeriodicEvaluator:
+  """The evaluators of `config.eval` (none by default); bad settings or data: ConfigError."""
+  demo_tour = (os.path.join(plan.workdir, preflight.DEMO_DATA_DIR) if config.data.synthetic
+               else None)
+  try:
+    return periodic.PeriodicEvaluator.from_config(config, demo_tour=demo_tour)
+  except (ValueError, OSError) as e:
+    raise preflight.ConfigError(str(e).strip().splitlines()[0]) from None
 
 
 class _Preemption:

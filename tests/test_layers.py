@@ -18,11 +18,11 @@ LAYERS = {
         "dora_jax.models"),
     1: ("dora_jax.objects", "dora_jax.checkpoints"),
     2: ("dora_jax.train_step",),
-    3: ("dora_jax.pretrained", "dora_jax.preflight"),
+    3: ("dora_jax.pretrained", "dora_jax.preflight", "dora_jax.evaluation"),
     4: ("dora_jax.train",),
-    5: ("dora_jax.main",),
+    5: ("dora_jax.main", "dora_jax.eval_main"),
 }
-# Modules outside the table (evaluation, export, fine-tuning) sit on top: anything may be below.
+# Modules outside the table (command lines added later) sit on top: anything may be below.
 
 
 def _module_name(path):

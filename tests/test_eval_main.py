@@ -1,0 +1,155 @@
+"""`dora-eval knn|davis|track` on a tiny checkpoint: reports written, bad input exits 2."""
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from dora_jax import checkpoints
+from dora_jax import eval_main
+from dora_jax import pretrained
+from dora_jax import train_step
+from dora_jax.data import synthetic
+from dora_jax.evaluation import davis
+from dora_jax.evaluation import track
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.dim, config.model.depth, config.model.num_heads = 32, 2, 2
+  config.model.out_dim, config.model.head_hidden_dim, config.model.head_bottleneck_dim = 64, 32, 16
+  config.data.global_size = 16
+  return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A work folder with one checkpoint of a freshly initialised tiny model (no training)."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = _tiny_config()
+  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0), steps_per_epoch=1,
+                                         total_steps=1)
+  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
+                                          keep=1)
+  checkpointer.save(1, state, {})
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  checkpoints.write_config(workdir, config)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 3), ("val", 2)):
+    for label, name in enumerate(("blue", "green", "red")):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        pixels = np.zeros((20, 24, 3))
+        pixels[..., 2 - label] = 200
+        pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+  os.makedirs(root / "tour")
+  tour = synthetic.generate_walking_tour(str(root / "tour" / "walking_tour.mp4"), num_frames=8,
+                                         width=48, height=32, fps=5, num_objects=2, seed=0)
+  masks = synthetic.load_masks(tour["video"])["masks"]
+  frames, _ = track.load_tour(tour["video"])
+  for sub in ("JPEGImages", "Annotations"):
+    os.makedirs(root / "DAVIS" / sub / "480p" / "walk")
+  for i in range(4):
+    Image.fromarray(frames[i]).save(root / "DAVIS" / "JPEGImages" / "480p" / "walk" / f"{i:05d}.jpg")
+    davis.write_indexed_png(str(root / "DAVIS" / "Annotations" / "480p" / "walk" / f"{i:05d}.png"),
+                            masks[i], davis.default_palette())
+  return root
+
+
+def _main(args, capsys):
+  code = eval_main.main(args + ["--no-progress"])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_knn(run_dir, data, tmp_path, capsys):
+  out = tmp_path / "knn"
+  code, stdout, _ = _main(["knn", "--checkpoint", run_dir, "--train", str(data / "train"),
+                           "--val", str(data / "val"), "--k", "2", "--resize-size", "20",
+                           "--crop-size", "16", "--out", str(out)], capsys)
+  assert code == 0
+  report = json.loads((out / eval_main.KNN_REPORT).read_text())
+  assert (report["num_train"], report["num_val"], report["num_classes"], report["k"]) == (9, 6, 3, 2)
+  assert report["top1"] == 100.0  # Flat colours: told apart even by a random ViT.
+  assert stdout.startswith("k-NN (k=2, T=0.07): top-1 100.00%")
+
+
+def test_track_uses_the_checkpoints_teacher(run_dir, data, tmp_path, capsys):
+  out = tmp_path / "track"
+  args = ["--clips", "2", "--frames-per-clip", "2", "--frame-stride", "3", "--short-side", "16",
+          "--num-objects", "2"]
+  code, stdout, _ = _main(["track", "--checkpoint", run_dir, "--data", str(data / "tour"),
+                           "--out", str(out)] + args, capsys)
+  assert code == 0
+  report = json.loads((out / eval_main.TRACK_REPORT).read_text())
+  settings = track.TrackSettings(num_clips=2, frames_per_clip=2, frame_stride=3, short_side=16,
+                                 size_multiple=8, num_objects=2)
+  expected = track.evaluate_tracking(pretrained.load_backbone(run_dir),
+                                     str(data / "tour" / "walking_tour.mp4"), settings)
+  assert report["track_iou"] == pytest.approx(expected["track_iou"])
+  assert report["settings"]["size_multiple"] == 8  # The checkpoint's patch size.
+  assert stdout.startswith("tracking IoU ")
+  code, _, err = _main(["track", "--checkpoint", run_dir, "--data", str(data / "tour"),
+                        "--out", str(tmp_path / "t2"), "--num-objects", "3"], capsys)
+  assert code == 2 and "--num-objects 3 exceeds the backbone's 2 heads" in err
+
+
+def test_davis(run_dir, data, tmp_path, capsys):
+  out = tmp_path / "davis"
+  code, stdout, _ = _main(["davis", "--checkpoint", run_dir, "--data", str(data / "DAVIS"),
+                           "--sequences", "walk", "--short-side", "16", "--size-multiple", "8",
+                           "--out", str(out)],
+                          capsys)
+  assert code == 0
+  report = json.loads((out / davis.METRICS_FILE).read_text())
+  assert 0 <= report["J&F"] <= 1 and list(report["sequences"]) == ["walk"]
+  assert sorted(os.listdir(out / "walk")) == [f"{i:05d}.png" for i in range(4)]
+  assert stdout.startswith("DAVIS-2017 (1 sequences")
+
+
+def test_bad_input_is_one_line_and_exit_2(run_dir, data, tmp_path, capsys):
+  out = tmp_path / "out"
+  cases = [
+      (["knn", "--checkpoint", str(tmp_path), "--train", str(data / "train"), "--val",
+        str(data / "val")], "is not a dora-train work folder"),
+      (["knn", "--checkpoint", run_dir, "--train", str(tmp_path / "nope"), "--val",
+        str(data / "val")], "nope does not exist"),
+      (["davis", "--checkpoint", run_dir, "--data", str(data / "DAVIS")],
+       "ImageSets/2017/val.txt does not exist"),
+      (["track", "--checkpoint", run_dir, "--data", str(data / "train")],
+       "holds 0 .mp4 videos"),
+  ]
+  for args, message in cases:
+    code, stdout, err = _main(args + ["--out", str(out)], capsys)
+    assert code == 2 and stdout == "", args
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert err.startswith(f"dora-eval {args[0]}: error: ")
+  assert not out.exists()  # Nothing was written.
+
+  # A checkpoint of another model: its config says a wider ViT than the arrays hold.
+  other = tmp_path / "other"
+  os.makedirs(other)
+  os.symlink(os.path.join(run_dir, checkpoints.CHECKPOINT_DIR), other / checkpoints.CHECKPOINT_DIR)
+  config = json.loads(open(os.path.join(run_dir, checkpoints.CONFIG_FILE)).read())
+  config["model"]["dim"] = 64
+  (other / checkpoints.CONFIG_FILE).write_text(json.dumps(config))
+  code, _, err = _main(["knn", "--checkpoint", str(other), "--train", str(data / "train"),
+                        "--val", str(data / "val"), "--out", str(out)], capsys)
+  assert code == 2 and f"cannot load --checkpoint {other}" in err and "has shape" in err
+  assert len(err.strip().splitlines()) == 1 and not out.exists()
