@@ -53,7 +53,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10  # Epochs of linear learning-rate warm-up.
   c.optim.weight_decay = 0.04  # AdamW weight decay at step 0 (weight matrices and tokens only).
   c.optim.weight_decay_end = 0.4  # Weight decay at the end (cosine schedule).
-  c.optim.clip_grad_norm = 3.0  # Global gradient-norm clip; 0 disables it.
+  c.optim.clip_grad_norm = 3.0  # Gradient-norm clip of each parameter tensor separately; 0: off.
   c.optim.freeze_last_layer_epochs = 1  # Epochs with the head's last layer frozen.
   c.optim.teacher_momentum = 0.996  # Teacher EMA momentum at step 0 (cosine to 1).
 
