@@ -38,7 +38,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dora.sinkhorn_iters = 3  # Fixed Sinkhorn-Knopp iterations in `refine` (paper 3, ref code 30).
   c.dora.sinkhorn_epsilon = 0.05  # Entropic regularisation of the OT step.
   c.dora.mask_mode = "remove"  # "remove": drop a random non-empty object subset; "keep": one view per object.
-  c.dora.mask_threshold = "mean"  # Binarise heat maps above each row's mean ("mean") or a float.
+  c.dora.mask_threshold = "mean"  # Heat-map cut: each row's mean ("mean"), the public code's "batch_mean", or a float.
 
   # ---- DINO loss. ----
   c.loss = ml_collections.ConfigDict()
@@ -55,7 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 10  # Epochs of linear learning-rate warm-up.
   c.optim.weight_decay = 0.04  # AdamW weight decay at step 0 (weight matrices and tokens only).
   c.optim.weight_decay_end = 0.4  # Weight decay at the end (cosine schedule).
-  c.optim.clip_grad_norm = 3.0  # Global gradient-norm clip; 0 disables it.
+  c.optim.clip_grad_norm = 3.0  # Gradient-norm clip of each parameter tensor separately; 0: off.
   c.optim.freeze_last_layer_epochs = 1  # Epochs with the head's last layer frozen.
   c.optim.teacher_momentum = 0.996  # Teacher EMA momentum at step 0 (cosine to 1).
 

@@ -23,13 +23,14 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn as ott_sinkhorn
 
 MaskMode = Literal["remove", "keep"]
 # Named rules of `object_masks` for the cut of a heat map (besides a fixed number).
-THRESHOLD_RULES = ("mean",)
+THRESHOLD_RULES = ("mean", "batch_mean")
 
 
 def _check_rank(name: str, array: jax.Array, rank: int, layout: str) -> None:
@@ -52,9 +53,15 @@ def _check_against_prototypes(prototypes: jax.Array, name: str, other: jax.Array
 def sinkhorn(scores: jax.Array, *, epsilon: float, num_iters: int) -> jax.Array:
   """Entropic OT plan between k prototypes and N patches with uniform marginals (ott-jax).
 
-  Runs exactly `num_iters` Sinkhorn-Knopp iterations in the log domain from zero potentials.
-  ott updates the column (patch) potential first and the row (prototype) potential last, so the
-  rows of the returned plan sum to exactly 1/k; the columns approach 1/N as iterations grow.
+  Runs exactly `num_iters` Sinkhorn-Knopp iterations, in the public DoRA code's order: each
+  iteration scales the prototypes' rows to 1/k, then the patches' columns to 1/N. After any count
+  the columns (patches) of the plan therefore sum to exactly 1/N, and the rows (prototypes)
+  approach 1/k as iterations grow. The reference starts from exp((S - max S) / epsilon) scaled to
+  mass 1; its first row scaling removes that constant, so ott's zero potentials start at the same
+  point.
+
+  ott updates the column potential first and the row potential last; the problem is handed to it
+  transposed (patches as rows) to get the reference's order.
 
   Args:
     scores: (..., k, N) similarities; the transport cost is `-scores`. Computed in float32.
@@ -80,34 +87,67 @@ def sinkhorn(scores: jax.Array, *, epsilon: float, num_iters: int) -> jax.Array:
   )
 
   def solve_one(one_scores: jax.Array) -> jax.Array:
-    geom = geometry.Geometry(cost_matrix=-one_scores, epsilon=float(epsilon))
-    out = solver(linear_problem.LinearProblem(geom))
-    return out.matrix
+    # (N, k): rows are patches (marginal 1/N, updated last), columns prototypes (1/k).
+    geom = geometry.Geometry(cost_matrix=-one_scores.T, epsilon=float(epsilon))
+    return solver(linear_problem.LinearProblem(geom)).matrix.T
 
   flat = scores.astype(jnp.float32).reshape((-1,) + scores.shape[-2:])
   plan = jax.vmap(solve_one)(flat)
   return plan.reshape(scores.shape)
 
 
-def choose_heads(key: jax.Array, batch_size: int, num_heads: int, num_objects: int) -> jax.Array:
-  """k distinct heads per clip, uniformly at random. Returns (B, k) int32."""
+def _check_num_objects(num_objects: int, num_heads: int) -> None:
   if num_objects > num_heads:
     raise ValueError(
         f"`num_objects` (k={num_objects}) must not exceed the number of attention heads "
         f"({num_heads}): each object is discovered by one head.")
+
+
+def choose_heads(key: jax.Array, batch_size: int, num_heads: int, num_objects: int) -> jax.Array:
+  """k distinct heads per clip, uniformly at random. Returns (B, k) int32."""
+  _check_num_objects(num_objects, num_heads)
   keys = jax.random.split(key, batch_size)
   return jax.vmap(lambda k: jax.random.permutation(k, num_heads)[:num_objects])(keys)
 
 
-def discover(attn: jax.Array, queries: jax.Array, key: jax.Array, *,
-             num_objects: int) -> jax.Array:
-  """Object prototypes from the anchor frame: k random heads' [CLS] attention pools the queries.
+def _check_heads(heads: jax.Array, batch_size: int, num_heads: int,
+                 num_objects: int) -> jax.Array:
+  """`heads` must be (B, k) integers, distinct per clip, in [0, h); values are checked when known.
+
+  Under `jax.jit` the values are traced and only the shape and dtype can be checked.
+  """
+  _check_num_objects(num_objects, num_heads)
+  heads = jnp.asarray(heads)
+  if heads.shape != (batch_size, num_objects) or not jnp.issubdtype(heads.dtype, jnp.integer):
+    raise ValueError(
+        f"`heads` must be an integer array of shape (B, k) = ({batch_size}, {num_objects}); got "
+        f"{heads.dtype} {tuple(heads.shape)}.")
+  try:
+    values = np.asarray(heads)
+  except jax.errors.TracerArrayConversionError:
+    return heads
+  if values.size and (values.min() < 0 or values.max() >= num_heads):
+    raise ValueError(
+        f"`heads` must index the {num_heads} attention heads (0..{num_heads - 1}); got values "
+        f"{values.min()}..{values.max()}.")
+  if any(len(set(row.tolist())) != num_objects for row in values):
+    raise ValueError(
+        f"`heads` must name {num_objects} distinct heads per clip; got {values.tolist()}.")
+  return heads
+
+
+def discover(attn: jax.Array, queries: jax.Array, key: jax.Array | None, *,
+             num_objects: int, heads: jax.Array | None = None) -> jax.Array:
+  """Object prototypes from the anchor frame: k heads' [CLS] attention pools the queries.
 
   Args:
     attn: (B, h, N+1, N+1) the last block's attention of the anchor frame (token 0 is [CLS]).
     queries: (B, h, N+1, d_head) that block's per-head queries.
-    key: PRNG key choosing the k heads (independently per clip).
+    key: PRNG key choosing the k heads at random (independently per clip); unused when `heads`
+      is given.
     num_objects: k <= h.
+    heads: optional (B, k) int, the heads to use (distinct per clip, in [0, h)), for
+      reproducible use from other code; None picks them from `key` (see `choose_heads`).
 
   Returns:
     prototypes: (B, k, d), d = h * d_head: row i is sum_n attn[head_i, CLS, n] * q_n, with q_n
@@ -115,12 +155,17 @@ def discover(attn: jax.Array, queries: jax.Array, key: jax.Array, *,
   """
   _check_rank("attn", attn, 4, "(B, h, N+1, N+1)")
   _check_rank("queries", queries, 4, "(B, h, N+1, d_head)")
-  batch, heads, tokens, _ = attn.shape
-  if attn.shape[-1] != tokens or queries.shape[:3] != (batch, heads, tokens):
+  batch, num_heads, tokens, _ = attn.shape
+  if attn.shape[-1] != tokens or queries.shape[:3] != (batch, num_heads, tokens):
     raise ValueError(
         f"`attn` (B, h, N+1, N+1) and `queries` (B, h, N+1, d_head) disagree: got "
         f"{tuple(attn.shape)} and {tuple(queries.shape)}.")
-  head_ids = choose_heads(key, batch, heads, num_objects)  # (B, k)
+  if heads is None:
+    if key is None:
+      raise ValueError("`key` is required when `heads` is None (the heads are drawn from it).")
+    head_ids = choose_heads(key, batch, num_heads, num_objects)  # (B, k)
+  else:
+    head_ids = _check_heads(heads, batch, num_heads, num_objects)
   cls_rows = attn[:, :, 0, 1:]  # (B, h, N)
   chosen = jnp.take_along_axis(cls_rows, head_ids[:, :, None], axis=1)  # (B, k, N)
   patch_queries = concat_heads(queries[:, :, 1:])  # (B, N, d)
@@ -143,27 +188,31 @@ def refine(prototypes: jax.Array, anchor_tokens: jax.Array, *, epsilon: float,
   """Disjoint prototypes: Sinkhorn-Knopp between the prototypes and the anchor's patches.
 
   The cost of assigning prototype i to patch n is -<p_i, z_n> with z_n the L2-normalised patch
-  embedding. The refined prototype i is k * sum_n plan[i, n] z_n: a convex combination of anchor
-  patches (the plan's rows sum to 1/k), and the k prototypes share out the patches.
+  embedding. The plan M* (mass 1, see `sinkhorn`) times N is an assignment A = N M*: each patch's
+  weights over the k prototypes sum to one (as in SwAV and the public DoRA code). The refined
+  prototypes are P' = A Z_s: prototype i is a weighted sum of anchor patches whose weights sum to
+  about N / k (exactly once the rows converge; after 3 iterations a large object keeps more).
+  This scale, not a convex combination's, is the public code's: it sets the temperature of
+  `track`'s softmax, hence the size of the masks.
 
   Args:
     prototypes: (B, k, d) from `discover`.
     anchor_tokens: (B, N, d) the anchor frame's patch embeddings (the backbone's `tokens`).
     epsilon: entropic regularisation (paper 0.05).
-    num_iters: Sinkhorn iterations (paper 3).
+    num_iters: Sinkhorn iterations (paper 3, public code 30).
 
   Returns:
-    refined: (B, k, d) float32 refined prototypes.
-    plan: (B, k, N) float32 transport plan, total mass 1 per clip.
+    refined: (B, k, d) float32 refined prototypes P' = N * plan @ Z_s.
+    plan: (B, k, N) float32 transport plan, total mass 1 per clip, columns exactly 1/N.
   """
   _check_against_prototypes(prototypes, "anchor_tokens", anchor_tokens, "(B, N, d)")
-  num_objects = prototypes.shape[1]
+  num_patches = anchor_tokens.shape[1]
   patches = l2_normalize(anchor_tokens.astype(jnp.float32))
   scores = jnp.einsum("bkd,bnd->bkn", prototypes.astype(jnp.float32), patches,
                       precision=jax.lax.Precision.HIGHEST)
   plan = sinkhorn(scores, epsilon=epsilon, num_iters=num_iters)
-  refined = num_objects * jnp.einsum("bkn,bnd->bkd", plan, patches,
-                                     precision=jax.lax.Precision.HIGHEST)
+  assignment = num_patches * plan  # (B, k, N): every column sums to one.
+  refined = jnp.einsum("bkn,bnd->bkd", assignment, patches, precision=jax.lax.Precision.HIGHEST)
   return refined, plan
 
 
@@ -190,14 +239,23 @@ def object_masks(heatmaps: jax.Array, *, grid_size: tuple[int, int],
                  threshold: str | float = "mean") -> jax.Array:
   """Binary pixel masks of the tracked objects.
 
-  Each heat map row is binarised (above its own mean over the N patches by default, or above a
-  fixed value), reshaped to the patch grid and upsampled to pixels by nearest neighbour.
+  Each heat map row is binarised, reshaped to the patch grid and upsampled to pixels by nearest
+  neighbour. The cut (`threshold`):
+
+    "mean" (default): each row above its own mean over the N patches, separately per clip, frame
+      and object: clips never influence each other's masks.
+    "batch_mean": the public DoRA code's rule. Each row is L2-normalised, and the cut of
+      (frame t, object i) is the mean over the whole batch axis and the patches, so the clips
+      passed in together couple. The reference applies it to one GPU's batch; under `jax.jit`
+      over a sharded global batch this is the global batch unless called per device (e.g. in
+      `shard_map`). For a single clip it equals "mean".
+    a float: every value above it.
 
   Args:
-    heatmaps: (..., k, N) from `track`, N = gh * gw.
+    heatmaps: (..., k, N) from `track`, N = gh * gw; (B, ..., k, N) for "batch_mean".
     grid_size: (gh, gw) the patch grid.
     image_size: (H, W) in pixels, multiples of (gh, gw).
-    threshold: "mean" or a float.
+    threshold: "mean", "batch_mean" or a float.
 
   Returns:
     masks: (..., k, H, W) bool.
@@ -212,10 +270,18 @@ def object_masks(heatmaps: jax.Array, *, grid_size: tuple[int, int],
     raise ValueError(
         f"`image_size` {tuple(image_size)} must be a multiple of `grid_size` {tuple(grid_size)}.")
   if isinstance(threshold, str):
-    if threshold not in THRESHOLD_RULES:
-      raise ValueError(f"`threshold` must be one of {THRESHOLD_RULES} or a number; got "
-                       f"{threshold!r}.")
-    cut = jnp.mean(heatmaps, axis=-1, keepdims=True)
+    if threshold == "mean":
+      cut = jnp.mean(heatmaps, axis=-1, keepdims=True)
+    elif threshold == "batch_mean":
+      if heatmaps.ndim < 3:
+        raise ValueError(
+            "`heatmaps` must have shape (B, ..., k, N) for threshold 'batch_mean'; got "
+            f"{tuple(heatmaps.shape)}.")
+      heatmaps = l2_normalize(heatmaps.astype(jnp.float32))
+      cut = jnp.mean(heatmaps, axis=(0, -1), keepdims=True)
+    else:
+      raise ValueError(
+          f"`threshold` must be one of {THRESHOLD_RULES} or a number; got {threshold!r}.")
   else:
     cut = jnp.float32(threshold)
   on_grid = (heatmaps > cut).reshape(heatmaps.shape[:-1] + (grid_h, grid_w))

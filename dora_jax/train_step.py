@@ -22,57 +22,13 @@ from flax import nnx
 
 from dora_jax import losses
 from dora_jax import objects
+from dora_jax import optim
 from dora_jax import schedules as schedules_lib
 from dora_jax.models import dino
 from dora_jax.models import vit
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
-
-
-def _is_last_layer(path) -> bool:
-  return "last_layer" in jax.tree_util.keystr(path)
-
-
-def _decays(path, param) -> bool:
-  # The reference stores the head's weight-norm gain as (out_dim, 1), so its 1-D rule decays it;
-  # ours is (out_dim,) and is named here to keep the reference's behaviour.
-  return param.ndim > 1 or "last_layer_g" in jax.tree_util.keystr(path)
-
-
-def _clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
-  """Scales each parameter's gradient to norm <= max_norm (the reference clips per tensor)."""
-
-  def clip(updates, params=None):
-    del params
-
-    def one(g):
-      norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
-      return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
-
-    return jax.tree.map(one, updates)
-
-  return optax.stateless(clip)
-
-
-def make_optimizer(config, schedule: schedules_lib.Schedules) -> optax.GradientTransformation:
-  """Per-tensor gradient clip, then AdamW with the lr and weight-decay schedules.
-
-  Weight decay applies to parameters with ndim > 1 (weight matrices, [CLS] and position tokens)
-  and the head's weight-norm gain, never to biases and normalisation scales (the reference's rule
-  for 1-D parameters, whose gain is 2-D there).
-  """
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(_decays, params)
-  # `mask` is static: inject_hyperparams would otherwise call it as a schedule of the step.
-  adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-      learning_rate=schedule.learning_rate,
-      weight_decay=schedule.weight_decay,
-      b1=0.9, b2=0.999, eps=1e-8,
-      mask=decay_mask,
-  )
-  if config.optim.clip_grad_norm and config.optim.clip_grad_norm > 0:
-    return optax.chain(_clip_per_parameter(float(config.optim.clip_grad_norm)), adamw)
-  return adamw
 
 
 def build_model(config, rngs: nnx.Rngs) -> dino.DinoModel:
@@ -101,7 +57,7 @@ def init_train_state(config, *, rng: jax.Array, steps_per_epoch: int,
         "student": params,
         "teacher": jax.tree.map(jnp.copy, params),
         "constants": constants,
-        "opt_state": make_optimizer(config, schedule).init(params),
+        "opt_state": optim.make_optimizer(config, schedule).init(params),
         "center": jnp.zeros((config.model.out_dim,), jnp.float32),
         "rng": step_rng,
     }
@@ -186,7 +142,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, *, steps_per_epoch: int,
   """The pure update `step(state, batch) -> (state, metrics)` for this config and run length."""
   schedule = schedules_lib.make_schedules(
       config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  optimizer = make_optimizer(config, schedule)
+  optimizer = optim.make_optimizer(config, schedule)
   dora = dora_options(config)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -198,12 +154,9 @@ def make_train_step(config, graphdef: nnx.GraphDef, *, steps_per_epoch: int,
         has_aux=True)
     (loss, aux), grads = grad_fn(state["student"])
 
-    # The head's last layer stays frozen for the first epoch(s): no update, no decay.
-    frozen = state["step"] < schedule.freeze_last_layer_steps
-    freeze = lambda path, x: jnp.where(frozen & _is_last_layer(path), jnp.zeros_like(x), x)
-    grads = jax.tree_util.tree_map_with_path(freeze, grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"])
-    updates = jax.tree_util.tree_map_with_path(freeze, updates)
+    # The optimizer keeps the head's last layer frozen for the first epoch(s) (see optim.py).
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"],
+                                          step=state["step"])
     params = optax.apply_updates(state["student"], updates)
 
     momentum = schedule.teacher_momentum(state["step"])
