@@ -30,7 +30,7 @@ setuptools.setup(
     extras_require={
         # tensorflow-cpu: the interop test reads/writes shards with tf.data; hypothesis: the
         # TFRecord reader's fuzz test; psutil: the test that no input worker outlives the trainer.
-        "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5"],
+        "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5", "portpicker"],
         # Only to read public DINO/DoRA .pth files (CPU build; see README).
         "torch": ["torch"],
     },
