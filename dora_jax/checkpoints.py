@@ -11,13 +11,14 @@ background); `wait_until_finished` must run before the process exits.
 """
 import dataclasses
 import json
-import os
 from typing import Any
 
 from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from dora_jax import paths
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -182,14 +183,10 @@ class Checkpointer:
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Keeps the config of a run beside its checkpoints (read back by `load_backbone`)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  paths.write_text(paths.join(workdir, CONFIG_FILE),
+                   config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (`write_config`)."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_text(paths.join(workdir, CONFIG_FILE))))

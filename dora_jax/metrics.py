@@ -10,7 +10,6 @@ logs.
 """
 import json
 import math
-import os
 import sys
 from typing import Mapping
 
@@ -18,32 +17,30 @@ import numpy as np
 import tensorboardX
 import tqdm
 
+from dora_jax import paths
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _read_lines(path: str) -> list[str]:
+  if not paths.exists(path):
+    return []
+  return [line + "\n" for line in paths.read_text(path).splitlines() if line.strip()]
+
+
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The objects of `WORKDIR/metrics.jsonl`, in order ([] when there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in _read_lines(paths.join(workdir, METRICS_FILE))]
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Drops the lines of a metrics.jsonl whose step is beyond `step` (atomically)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
+def _truncate_after(path: str, step: int) -> list[str]:
+  """Drops the lines of a metrics.jsonl whose step is beyond `step` (atomically); the rest."""
+  lines = _read_lines(path)
   kept = [line for line in lines if json.loads(line)["step"] <= step]
-  if len(kept) == len(lines):
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  if len(kept) != len(lines):
+    paths.write_text(path, "".join(kept))
+  return kept
 
 
 class MetricWriter:
@@ -61,12 +58,16 @@ class MetricWriter:
     self._postfix = {}
     if not enabled:
       return
-    path = os.path.join(workdir, METRICS_FILE)
-    _truncate_after(path, start_step)
-    self._jsonl = open(path, "a")
+    path = paths.join(workdir, METRICS_FILE)
+    kept = _truncate_after(path, start_step)
+    if paths.is_remote(path):
+      # Cloud objects cannot be appended to: the file is rewritten whole at each log step.
+      self._remote_path, self._remote_lines = path, kept
+    else:
+      self._jsonl = open(path, "a")
     # purge_step makes TensorBoard hide the events an interrupted run wrote after step s.
     self._tensorboard = tensorboardX.SummaryWriter(
-        os.path.join(workdir, TENSORBOARD_DIR),
+        paths.join(workdir, TENSORBOARD_DIR),
         purge_step=start_step + 1 if start_step else None, flush_secs=30)
     self._show_progress = show_progress
     self._total_steps = total_steps
@@ -76,8 +77,13 @@ class MetricWriter:
     if not self._enabled:
       return
     scalars = {name: float(np.asarray(value)) for name, value in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **scalars}) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._remote_lines.append(line)
+      paths.write_text(self._remote_path, "".join(self._remote_lines))
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, value, global_step=step)
     shown = {name: scalars[name] for name in ("loss", "teacher_entropy", "lr") if name in scalars}
@@ -116,7 +122,8 @@ class MetricWriter:
   def close(self) -> None:
     if not self._enabled:
       return
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     self._tensorboard.close()
     if self._bar is not None:
       self._bar.close()

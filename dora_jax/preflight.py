@@ -16,6 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from dora_jax import paths
 from dora_jax import sharding
 from dora_jax import train_step
 from dora_jax.data import pipeline
@@ -87,6 +88,8 @@ def check_workdir(workdir: str) -> None:
   """The work folder (or, if it does not exist yet, its nearest existing parent) is writable."""
   if not workdir:
     raise ConfigError("--workdir is empty: pass the folder for checkpoints and logs.")
+  if paths.is_remote(workdir):  # A cloud URL: its library reports access errors when writing.
+    return
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"--workdir {workdir} exists and is not a folder.")
@@ -102,6 +105,9 @@ def data_config_for(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
   """config.data with `dir` resolved (the synthetic tour lives in the work folder)."""
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   if config.data.synthetic:
+    if paths.is_remote(workdir):
+      raise ConfigError(f"config data.synthetic=True makes the synthetic tour in the work folder, "
+                        f"which must be local; got --workdir {workdir}.")
     data_config.dir = os.path.join(workdir, DEMO_DATA_DIR, "shards")
   elif not config.data.dir:
     raise ConfigError("config data.dir is empty: pass --config.data.dir=FOLDER (written by "
@@ -149,7 +155,7 @@ def schedule_length(config: ml_collections.ConfigDict, num_clips: int) -> tuple[
 
 def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
   """All the checks, in order (config, work folder, data); returns the run's plan."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   check_config(config)
   check_workdir(workdir)
   data_config, clips = prepare_data(config, workdir)

@@ -11,6 +11,7 @@ from flax import nnx
 import orbax.checkpoint as ocp
 
 from dora_jax import checkpoints
+from dora_jax import paths
 from dora_jax import train_step
 
 
@@ -21,13 +22,13 @@ def teacher_backbone(graphdef: nnx.GraphDef, state: train_step.TrainState) -> nn
 
 def _resolve_run(path: str) -> tuple[str, str, int | None]:
   """(workdir, checkpoint dir, step or None for the latest) of a work folder or a step folder."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(os.path.join(path, checkpoints.CONFIG_FILE)):
-    return path, os.path.join(path, checkpoints.CHECKPOINT_DIR), None
-  parent, name = os.path.split(path)
-  grandparent = os.path.dirname(parent)
-  if (name.isdigit() and os.path.basename(parent) == checkpoints.CHECKPOINT_DIR
-      and os.path.exists(os.path.join(grandparent, checkpoints.CONFIG_FILE))):
+  path = paths.absolute(os.fspath(path)).rstrip("/")
+  if paths.exists(paths.join(path, checkpoints.CONFIG_FILE)):
+    return path, paths.join(path, checkpoints.CHECKPOINT_DIR), None
+  parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+  grandparent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+  if (name.isdigit() and parent.rsplit("/", 1)[-1] == checkpoints.CHECKPOINT_DIR
+      and paths.exists(paths.join(grandparent, checkpoints.CONFIG_FILE))):
     return grandparent, parent, int(name)
   raise FileNotFoundError(
       f"{path} is not a dora-train work folder (no {checkpoints.CONFIG_FILE}) nor one of its "

@@ -22,6 +22,7 @@ import numpy as np
 
 from dora_jax import checkpoints as checkpoints_lib
 from dora_jax import metrics as metrics_lib
+from dora_jax import paths
 from dora_jax import preflight
 from dora_jax import pretrained
 from dora_jax import sharding as sharding_lib
@@ -77,7 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---- Checkpoint: restore the latest, or initialise. ----
   checkpointer = checkpoints_lib.Checkpointer(
-      os.path.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+      paths.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
   latest = checkpointer.latest_step()
   data_state = None
   if latest is not None:
@@ -249,8 +250,8 @@ def _write_picture(workdir: str, step: int, arrays: dict[str, np.ndarray],
   picture = visualize.make_picture(
       arrays["frames"], arrays["heatmaps"], arrays["masked_views"], arrays.get("masks"),
       title=f"step {step}")
-  os.makedirs(os.path.join(workdir, PICTURES_DIR), exist_ok=True)
-  path = os.path.join(workdir, PICTURES_DIR, f"step_{step:07d}.png")
+  paths.makedirs(paths.join(workdir, PICTURES_DIR))
+  path = paths.join(workdir, PICTURES_DIR, f"step_{step:07d}.png")
   visualize.save_picture(path, picture)
   writer.write_image(step, "tracking", picture)
   return path

@@ -5,10 +5,12 @@ bottom: the frames; for each tracked object its heat map over the frames (colour
 the frame, the binarised mask outlined in white); the masked views the student sees. numpy and PIL
 only.
 """
-import os
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from dora_jax import paths
 
 # Anchors of a perceptually ordered dark-to-bright colour map (close to matplotlib's 'inferno').
 _COLORMAP_ANCHORS = np.array(
@@ -114,7 +116,7 @@ def make_picture(frames: np.ndarray, heatmaps: np.ndarray, masked_views: np.ndar
 
 
 def save_picture(path: str, picture: np.ndarray) -> None:
-  """Writes an (H, W, 3) uint8 image as PNG (through a temporary name, so readers never see half)."""
-  tmp = path + ".tmp.png"
-  Image.fromarray(np.asarray(picture, np.uint8)).save(tmp)
-  os.replace(tmp, path)
+  """Writes an (H, W, 3) uint8 image as PNG, whole or not at all (a local path or a URL)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(picture, np.uint8)).save(buffer, format="PNG")
+  paths.write_bytes(path, buffer.getvalue())

@@ -8,15 +8,16 @@ once per start.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
+
+from dora_jax import paths
 
 FILE_NAME = "manifest.json"
 FORMAT = "dora_jax.frames/1"  # A manifest without this tag is another dataset's.
 
 
 def path_of(data_dir: str) -> str:
-  return os.path.join(data_dir, FILE_NAME)
+  return paths.join(data_dir, FILE_NAME)
 
 
 def read(data_dir: str) -> dict[str, Any] | None:
@@ -26,11 +27,10 @@ def read(data_dir: str) -> dict[str, Any] | None:
     ValueError: the file is not valid JSON or not a dora-convert manifest (one line).
   """
   path = path_of(data_dir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise ValueError(f"'{path}' is not a readable JSON manifest ({e})") from None
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -46,7 +46,7 @@ def load(data_dir: str) -> dict[str, Any]:
   Raises:
     ValueError: one line saying what is wrong and to run dora-convert.
   """
-  if not data_dir or not os.path.isdir(data_dir):
+  if not data_dir or not paths.isdir(data_dir):
     raise ValueError(f"data.dir '{data_dir}' is not a folder; run `dora-convert VIDEO --out DIR` "
                      "and set data.dir=DIR")
   try:
@@ -61,10 +61,7 @@ def load(data_dir: str) -> dict[str, Any]:
 
 def save(data_dir: str, manifest: dict[str, Any]) -> None:
   """Writes the manifest through a temporary name: readers never see half of it."""
-  path = path_of(data_dir)
-  with open(path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(path + ".tmp", path)
+  paths.write_text(path_of(data_dir), json.dumps(manifest, indent=1))
 
 
 def all_complete(manifest: dict[str, Any] | None) -> bool:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from dora_jax import paths
 from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import tfrecord
 
@@ -31,7 +31,7 @@ def _open_shards(data_dir: str, video: dict[str, Any]) -> list[tfrecord.ShardRea
   readers = []
   for shard in video["shards"]:
     try:
-      readers.append(tfrecord.ShardReader(os.path.join(data_dir, shard["file"]),
+      readers.append(tfrecord.ShardReader(paths.join(data_dir, shard["file"]),
                                           num_records=int(shard["num_records"])))
     except FileNotFoundError as e:  # A missing file is a damaged data set, like a damaged one.
       raise ValueError(str(e)) from None

@@ -28,6 +28,8 @@ import crc32c as crc32c_lib
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
+from dora_jax import paths
+
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # length, masked CRC of the length bytes.
 _FOOTER = struct.Struct("<I")  # masked CRC of the data.
@@ -207,17 +209,16 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
   """
   index_path = path + INDEX_SUFFIX
   try:
-    file_size = os.path.getsize(path)
+    file_size = paths.size(path)
   except FileNotFoundError:
     raise FileNotFoundError(f"shard '{path}' is missing; {REPAIR}") from None
   try:
-    with open(index_path, "rb") as f:
-      index_size = os.fstat(f.fileno()).st_size
-      if index_size > (file_size // FRAMING_BYTES + 1) * _MAX_INDEX_LINE:
-        raise CorruptRecordError(
-            f"offset index '{index_path}' has {index_size} bytes, too many for the "
-            f"{file_size} bytes of its shard")
-      words = f.read().split()
+    index_size = paths.size(index_path)
+    if index_size > (file_size // FRAMING_BYTES + 1) * _MAX_INDEX_LINE:
+      raise CorruptRecordError(
+          f"offset index '{index_path}' has {index_size} bytes, too many for the "
+          f"{file_size} bytes of its shard")
+    words = paths.read_bytes(index_path).split()
   except FileNotFoundError:
     raise FileNotFoundError(
         f"offset index '{index_path}' of shard '{path}' is missing; {REPAIR}") from None
@@ -253,8 +254,8 @@ def read_index(path: str) -> tuple[np.ndarray, np.ndarray]:
 class ShardReader:
   """Random access to the records of one shard through its offset index.
 
-  Thread-safe (`os.pread`) and picklable: the file is (re)opened lazily in each process.
-  With `num_records` (the count the manifest lists), an index listing another count is an error:
+  Thread-safe (`os.pread`; a cloud URL gets one ranged read per record) and picklable: the file
+  is (re)opened lazily in each process. With `num_records` (the count the manifest lists), an index listing another count is an error:
   framing has no record numbers, so only the count tells a lost or extra index line.
   """
 
@@ -292,7 +293,10 @@ class ShardReader:
       raise IndexError(f"record {index} out of range for shard '{self.path}' ({len(self)} records)")
     offset, size = int(self._offsets[index]), int(self._sizes[index])
     # At most the index's size, which read_index bounded by the file's.
-    blob = os.pread(self._descriptor(), size, offset)
+    if paths.is_remote(self.path):
+      blob = paths.read_range(self.path, offset, size)
+    else:
+      blob = os.pread(self._descriptor(), size, offset)
     return _check_record(self.path, index, offset, blob, size)
 
   def close(self) -> None:
