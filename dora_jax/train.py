@@ -5,7 +5,8 @@ Read top to bottom, `train_and_evaluate` does:
      written or compiled);
   2. builds the ('data', 'fsdp') mesh, the state's shapes (`jax.eval_shape`) and its shardings;
   3. jits the train step of `train_step.py` with those shardings and the state donated;
-  4. restores the latest checkpoint of the work folder (state + data position) or initialises;
+  4. restores the newest intact checkpoint of the work folder (state + data position) or
+     initialises (a damaged newer checkpoint is reported and set aside);
   5. loops: step, metrics, pictures, checkpoints, until `total_steps` or SIGTERM (preemption),
      which saves and returns; a non-finite loss stops the run, keeping the last good checkpoint.
 """
@@ -28,6 +29,7 @@ from dora_jax import models
 from dora_jax import sharding as sharding_lib
 from dora_jax import train_step
 from dora_jax import visualize
+from dora_jax import workdir_lock
 from dora_jax.data import pipeline
 from dora_jax.data import source
 from dora_jax.models import vit
@@ -56,7 +58,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     sharding_lib.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.batch_size < 1 or config.batch_size % num_devices:
+  if config.batch_size < 1:
+    raise ConfigError(f"config batch_size={config.batch_size}: must be a positive multiple of the "
+                      f"{num_devices} devices (e.g. --config.batch_size={num_devices}).")
+  if config.batch_size % num_devices:
     raise ConfigError(
         f"config batch_size={config.batch_size} does not divide over the {num_devices} devices: "
         f"use a multiple of {num_devices} (e.g. --config.batch_size="
@@ -258,13 +263,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Raises:
     ConfigError: bad input, found before anything is written or compiled.
+    workdir_lock.WorkdirLockedError: another live run uses `workdir`.
     checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
+    checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
+    checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
   """
   workdir = os.path.abspath(workdir)
-  # 1. Checks.
+  # 1. Checks; then the work folder is ours until the run ends.
   check_config(config)
   check_workdir(workdir)
+  with workdir_lock.run_lock(workdir, command="dora-train"):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   data_config = prepare_data(config, workdir)
   steps_per_epoch, total_steps = schedule_length(config, pipeline.num_clips(data_config))
   is_primary = jax.process_index() == 0
@@ -294,12 +307,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # 4. Restore or initialise.
   checkpointer = checkpoints_lib.Checkpointer(
       os.path.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
+  # The newest intact checkpoint (damaged newer ones are reported and set aside).
+  restored = checkpointer.restore_latest(
+      sharding_lib.with_shardings(abstract_state, state_sharding))
   data_state = None
-  if latest is not None:
-    logging.info("Resuming from %s/%d", checkpointer.directory, latest)
-    state, data_state = checkpointer.restore(
-        latest, sharding_lib.with_shardings(abstract_state, state_sharding))
+  if restored is not None:
+    state, data_state = restored
   else:
     init = jax.jit(
         lambda rng: train_step.init_train_state(
@@ -351,10 +364,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           what = (f"the loss is {float(bad_metrics['loss'])}" if not np.isfinite(
               bad_metrics["loss"]) else "the parameters are not finite")
           checkpointer.wait_until_finished()
+          last_good = checkpointer.latest_step()
           raise NonFiniteLossError(
-              f"{what} at step {bad_step}: stopping. The last good checkpoint is step "
-              f"{checkpointer.latest_step()} in {checkpointer.directory}; change the config "
-              "(e.g. a lower --config.optim.base_lr) and run again.")
+              f"{what} at step {bad_step}: stopping. " + (
+                  f"The last good checkpoint is step {last_good} in {checkpointer.directory}"
+                  if last_good is not None else "No checkpoint was saved before it (the run "
+                  "starts from scratch)") + "; change the config (e.g. a lower "
+              "--config.optim.base_lr) and run again.")
         if log_now:
           last_metrics = {name: float(value) for name, value in fetched[-1][1].items()
                           if name != "finite"}
@@ -377,11 +393,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        "command again to resume.")
         break
   finally:
-    # Saves in flight finish (or the last good one stays) before the process goes.
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    preemption.close()
-    writer.close()
-    if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
-      data_iter.close()
+    try:
+      # Saves in flight finish (or the last good one stays) before the process goes.
+      checkpointer.wait_until_finished()
+    finally:  # Also when that save failed.
+      checkpointer.close()
+      preemption.close()
+      writer.close()
+      if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
+        data_iter.close()
   return last_metrics
