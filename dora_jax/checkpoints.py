@@ -54,9 +54,13 @@ class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written (e.g. the disk is full); older checkpoints are intact."""
 
 
+class _DamagedFile(Exception):
+  """What is wrong with one file of a checkpoint; the caller names the step."""
+
+
 def _first_line(error: BaseException, limit: int = 300) -> str:
   """The first line of the innermost error behind `error` (orbax wraps tensorstore's)."""
-  while not isinstance(error, CheckpointDamagedError) and (error.__cause__ or error.__context__):
+  while not isinstance(error, _DamagedFile) and (error.__cause__ or error.__context__):
     error = error.__cause__ or error.__context__
   lines = str(error).strip().splitlines()
   line = lines[0].strip() if lines else type(error).__name__
@@ -94,7 +98,7 @@ class DataStateHandler(ocp.CheckpointHandler):
     if not path.exists():
       written = sorted(p.name for p in directory.glob("process_*.json"))
       if not written:
-        raise CheckpointDamagedError(f"{directory.name}/{path.name} is missing")
+        raise _DamagedFile(f"{directory.name}/{path.name} is missing")
       raise CheckpointMismatchError(
           f"{path} does not exist (the checkpoint holds {written}): resume with the number of "
           f"processes that wrote it.")
@@ -126,9 +130,9 @@ def _read_json(path: epath.Path) -> Any:
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:
-    raise CheckpointDamagedError(f"{path.parent.name}/{path.name} is missing") from None
+    raise _DamagedFile(f"{path.parent.name}/{path.name} is missing") from None
   except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError.
-    raise CheckpointDamagedError(
+    raise _DamagedFile(
         f"{path.parent.name}/{path.name} is not valid JSON ({_first_line(e)})") from None
 
 
@@ -148,7 +152,7 @@ class ChecksumsHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "ChecksumsRestore | None" = None) -> dict:
     record = _read_json(directory / CHECKSUMS_FILE)
     if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
-      raise CheckpointDamagedError(f"{directory.name}/{CHECKSUMS_FILE} holds no array checksums")
+      raise _DamagedFile(f"{directory.name}/{CHECKSUMS_FILE} holds no array checksums")
     return record
 
   def metadata(self, directory: epath.Path) -> None:
@@ -227,7 +231,9 @@ def array_record(tree: Any) -> dict[str, dict]:
   process. Paths are those of `flat_shapes`.
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  sums = jax.device_get([_leaf_checksum(leaf) for _, leaf in leaves])
+  # One array at a time: the checksums of sharded arrays end in all-reduces, and many of those
+  # in flight at once can starve the CPU backend's collective threads (a hang, then abort).
+  sums = [jax.device_get(_leaf_checksum(leaf)) for _, leaf in leaves]
   return {"/".join(_key_name(entry) for entry in path): {
       "shape": list(leaf.shape), "dtype": str(leaf.dtype),
       "checksum": "".join(f"{int(word):08x}" for word in np.asarray(checksum))}
@@ -338,7 +344,10 @@ class Checkpointer:
       CheckpointMismatchError: it holds other arrays or shapes (another model).
       CheckpointDamagedError: its record or orbax's metadata is missing or unreadable.
     """
-    record = _read_record(self._manager, step)
+    try:
+      record = _read_record(self._manager, step)
+    except _DamagedFile as e:
+      raise self._damaged(step, str(e)) from None
     saved = _orbax_shapes(self._manager, step)
     if saved is None:
       raise self._damaged(step, "state/_METADATA is missing or unreadable")
@@ -365,14 +374,14 @@ class Checkpointer:
       CheckpointDamagedError: a file of it is missing or unreadable, or an array differs from
         its checksum (one line: the step and what is wrong).
     """
+    record = self.check_compatible(step, abstract_state)
     try:
-      record = self.check_compatible(step, abstract_state)
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
-    except CheckpointDamagedError as e:
-      raise self._damaged(step, str(e).split(" is damaged: ")[-1]) from e
     except CheckpointMismatchError:
       raise
+    except _DamagedFile as e:
+      raise self._damaged(step, str(e)) from None
     except Exception as e:  # pylint: disable=broad-except
       # Whatever orbax or tensorstore raise on a broken file (there is no common type).
       raise self._damaged(step, f"cannot read it ({_first_line(e)})") from e
@@ -411,11 +420,9 @@ class Checkpointer:
       logging.info("Resuming from %s/%d", self.directory, step)
       return restored
     if damaged:
+      older = f" (and {len(damaged) - 1} older damaged)" if len(damaged) > 1 else ""
       raise CheckpointDamagedError(
-          f"no checkpoint in {self.directory} is intact: {damaged[0][1]} (and "
-          f"{len(damaged) - 1} older ones). To start from scratch, move {self.directory} aside "
-          "and run again." if len(damaged) > 1 else
-          f"no checkpoint in {self.directory} is intact: {damaged[0][1]}. To start from "
+          f"no checkpoint in {self.directory} is intact: {damaged[0][1]}{older}. To start from "
           f"scratch, move {self.directory} aside and run again.")
     return None
 
@@ -573,7 +580,7 @@ def verify_step(checkpoint_dir: str, step: int, part: str | None = None) -> None
   try:
     try:
       record = _read_record(manager, step)
-    except CheckpointDamagedError as e:
+    except _DamagedFile as e:
       raise damaged(str(e)) from None
     saved = _orbax_shapes(manager, step)
     if saved is None:

@@ -76,6 +76,7 @@ class _Recorder(logging_std.Handler):
     super().__init__(logging_std.INFO)
     self.setFormatter(logging_std.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     self.lines = collections.deque(maxlen=capacity)
+    self.stray_errors = 0  # Exceptions of background threads and of collected coroutines.
 
   def emit(self, record: logging_std.LogRecord) -> None:
     if record.levelno >= logging_std.WARNING or not _from_library(record):
@@ -89,19 +90,24 @@ def _record_stray_errors() -> None:
   """Errors in background threads and in garbage-collected coroutines (orbax, tensorstore) go to
   the log file, not to stderr: the failure they belong to is reported in one line."""
 
+  def record(heading, exc_type, exc_value, exc_traceback):
+    _RECORDER.stray_errors += 1
+    _RECORDER.lines.append(heading + "\n" + "".join(
+        traceback.format_exception(exc_type, exc_value, exc_traceback)))
+
   def thread_error(args):
-    _RECORDER.lines.append(f"Exception in thread {getattr(args.thread, 'name', '?')}:\n" + "".join(
-        traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+    record(f"Exception in thread {getattr(args.thread, 'name', '?')}:", args.exc_type,
+           args.exc_value, args.exc_traceback)
 
   def unraisable(args):
-    _RECORDER.lines.append(f"{args.err_msg or 'Exception ignored in'}: {args.object!r}\n" + "".join(
-        traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+    record(f"{args.err_msg or 'Exception ignored in'}: {args.object!r}", args.exc_type,
+           args.exc_value, args.exc_traceback)
 
   threading.excepthook = thread_error
   sys.unraisablehook = unraisable
 
 
-def _write_log(error: BaseException) -> str | None:
+def _write_log(error: BaseException | None) -> str | None:
   """Appends the recorded lines and `error`'s traceback to WORKDIR/dora-train.log; its path."""
   workdir = flags.FLAGS["workdir"].value
   if not workdir or not os.path.isdir(workdir):
@@ -111,7 +117,8 @@ def _write_log(error: BaseException) -> str | None:
     with open(path, "a") as f:
       f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
       f.writelines(line + "\n" for line in _RECORDER.lines)
-      f.write("".join(traceback.format_exception(error)))
+      if error is not None:
+        f.write("".join(traceback.format_exception(error)))
   except OSError:  # A full disk, say: the one line on stderr is what is left.
     return None
   return path
@@ -226,6 +233,10 @@ def _main(argv) -> None:
                jax.local_device_count())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _RECORDER.stray_errors:  # Errors that did not stop the run: say where they are.
+      log = _write_log(None)
+      print(f"dora-train: warning: {_RECORDER.stray_errors} errors in background threads"
+            + (f", written to {log}" if log else ""), file=sys.stderr)
   except (train.ConfigError, checkpoints.CheckpointMismatchError,
           workdir_lock.WorkdirLockedError) as e:
     _fail(str(e), 2)  # Found before anything was written.

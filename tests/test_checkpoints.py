@@ -224,7 +224,7 @@ def test_no_intact_checkpoint_is_one_line_and_moves_nothing(two_checkpoints):
   message = str(error.value)
   assert "\n" not in message
   assert message.startswith(f"no checkpoint in {two_checkpoints} is intact: checkpoint 2 ")
-  assert "(and 1 older ones)" in message and f"move {two_checkpoints} aside" in message
+  assert "(and 1 older damaged)" in message and f"move {two_checkpoints} aside" in message
   assert sorted(os.listdir(two_checkpoints)) == ["1", "2"]
 
 

@@ -133,3 +133,33 @@ def test_full_disk_during_a_save(data_dir, env, tmp_path):
   assert f"Resuming from {checkpoint_dir}/4" in read("again.err")
   assert _errors(read("again.err")) == [] and "is damaged" not in read("again.err")
   assert read("again.ls").split() == ["4", "8"]
+
+
+def _raise_deep():
+  raise MemoryError("out of host memory while decoding")
+
+
+def test_unexpected_failure_is_one_line_with_the_traceback_in_the_log(tmp_path, capsys,
+                                                                       monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(flags.FLAGS["workdir"], "value", str(tmp_path))
+  monkeypatch.setattr(flags.FLAGS["verbose"], "value", False)
+  try:
+    _raise_deep()
+  except MemoryError as e:
+    error = e
+  with pytest.raises(SystemExit) as exit_:
+    main._fail_with_log("MemoryError: out of host memory while decoding", error, 1)
+  assert exit_.value.code == 1
+  log = tmp_path / main.LOG_FILE
+  assert capsys.readouterr().err == ("dora-train: error: MemoryError: out of host memory while "
+                                     f"decoding (details: {log})\n")
+  assert "in _raise_deep" in log.read_text() and "Traceback" in log.read_text()
+  # --verbose (or DORA_DEBUG=1): the traceback on stderr, then the same line.
+  monkeypatch.setattr(flags.FLAGS["verbose"], "value", True)
+  with pytest.raises(SystemExit):
+    main._fail_with_log("MemoryError: out of host memory while decoding", error, 1)
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback") and "in _raise_deep" in err
+  assert err.splitlines()[-1] == "dora-train: error: MemoryError: out of host memory while decoding"
