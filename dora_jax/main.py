@@ -112,7 +112,11 @@ def _write_log(error: BaseException | None) -> str | None:
   workdir = flags.FLAGS["workdir"].value
   if not workdir or not os.path.isdir(workdir):
     return None
-  path = os.path.join(os.path.abspath(workdir), LOG_FILE)
+  name = LOG_FILE
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_count() > 1:  # The processes of a run share the folder.
+    name = LOG_FILE.replace(".log", f".process_{jax.process_index()}.log")
+  path = os.path.join(os.path.abspath(workdir), name)
   try:
     with open(path, "a") as f:
       f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
