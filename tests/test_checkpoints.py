@@ -322,14 +322,13 @@ def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
 
-  # load_backbone: a damaged teacher is an error, never NaN features; another step still loads.
+  # load_backbone: a damaged teacher is an error, never NaN features.
   _flip_bits_everywhere(os.path.join(copy, checkpoints.CHECKPOINT_DIR, "8"))
   with pytest.raises(checkpoints.CheckpointDamagedError) as error:
     checkpoints.load_backbone(copy)
   assert str(error.value).startswith(
       f"checkpoint 8 in {copy}/{checkpoints.CHECKPOINT_DIR} is damaged: ")
   assert "\n" not in str(error.value)
-  assert checkpoints.load_backbone(os.path.join(copy, checkpoints.CHECKPOINT_DIR, "4"))
 
   # dora-train: 8 bytes flipped in the largest file -> reported, set aside, resumed from step 4.
   record = open(os.path.join(checkpoint_dir, "8", "checksums", checkpoints.CHECKSUMS_FILE)).read()
