@@ -368,8 +368,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           raise NonFiniteLossError(
               f"{what} at step {bad_step}: stopping. " + (
                   f"The last good checkpoint is step {last_good} in {checkpointer.directory}"
-                  if last_good is not None else "No checkpoint was saved before it (the run "
-                  "starts from scratch)") + "; change the config (e.g. a lower "
+                  if last_good is not None else "No checkpoint was saved before it, so the "
+                  "next run starts from scratch") + "; change the config (e.g. a lower "
               "--config.optim.base_lr) and run again.")
         if log_now:
           last_metrics = {name: float(value) for name, value in fetched[-1][1].items()
