@@ -182,7 +182,7 @@ _CHECKSUM_SEEDS = (0x243F6A88, 0x85A308D3)
 
 
 def _mix32(x: jax.Array) -> jax.Array:
-  """murmur3's finaliser: a bijection of uint32 words in which each input bit flips ~half the output."""
+  """murmur3's finaliser: a bijection of uint32 in which each input bit flips ~half the output."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x85EBCA6B)
   x = x ^ (x >> 13)

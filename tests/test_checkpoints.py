@@ -17,7 +17,8 @@ import pytest
 
 from dora_jax import checkpoints
 from dora_jax import sharding
-from test_train import DEMO_CONFIG, ROOT, _dora_train, _flags, data_dir  # pylint: disable=unused-import
+from test_train import DEMO_CONFIG, ROOT, _dora_train, _flags
+from test_train import data_dir  # pylint: disable=unused-import  (a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from dora_jax import checkpoints
 from dora_jax import main
 from dora_jax import train
 from dora_jax import workdir_lock
-from test_checkpoints import env  # pylint: disable=unused-import
-from test_train import DEMO_CONFIG, ROOT, _config, _flags, data_dir  # pylint: disable=unused-import
+from test_checkpoints import env  # pylint: disable=unused-import  (a fixture)
+from test_train import DEMO_CONFIG, ROOT, _config, _flags
+from test_train import data_dir  # pylint: disable=unused-import  (a fixture)
 
 
 def _run(args, env, timeout=300):
