@@ -5,27 +5,76 @@ A run's work folder holds:
   WORKDIR/checkpoints/STEP/state  the whole train state pytree (student, teacher, optimizer,
                                   centre, step, PRNG key), sharded arrays written by orbax
   WORKDIR/checkpoints/STEP/data   the input iterator's position, one JSON file per process
+  WORKDIR/checkpoints/STEP/checksums/array_checksums.json
+                                  shape, dtype and checksum of every array of `state`
 
 Saves are asynchronous (the arrays are copied to host memory in `save`, written in the
-background); `wait_until_finished` must run before the process exits.
+background); `wait_until_finished` must run before the process exits. orbax renames a step's
+folder into place only once all three items are written, so a step either has its checksums or is
+not a checkpoint.
+
+A restore checks each array against its checksum: a damaged checkpoint (flipped bits, a truncated
+or missing file, garbled JSON) raises `CheckpointDamagedError` rather than resuming from wrong
+weights, and `Checkpointer.restore_latest` falls back to the newest intact one.
 """
+import contextlib
 import dataclasses
+import errno
 import json
+import logging as logging_std
+import os
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dora_jax import paths
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+CHECKSUMS_FILE = "array_checksums.json"
+# Marks, in orbax's step metadata, a checkpoint written with checksums (older ones have none).
+_CHECKSUMS_MARK = "dora_array_checksums"
+DAMAGED_SUFFIX = ".damaged"  # checkpoints/STEP.damaged: set aside by `restore_latest`.
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint in the work folder does not fit the model of the current config."""
+
+
+class CheckpointDamagedError(ValueError):
+  """A checkpoint's files are missing, unreadable or differ from the checksums saved with them."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (e.g. the disk is full); older checkpoints are intact."""
+
+
+class _DamagedFile(Exception):
+  """What is wrong with one file of a checkpoint; the caller names the step."""
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """The first line of the innermost error behind `error` (orbax wraps tensorstore's)."""
+  while not isinstance(error, _DamagedFile) and (error.__cause__ or error.__context__):
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  line = lines[0].strip() if lines else type(error).__name__
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 # ---- The data iterator's state: one small JSON file per process. ----
@@ -50,10 +99,12 @@ class DataStateHandler(ocp.CheckpointHandler):
     path = _data_state_file(directory, jax.process_index(), jax.process_count())
     if not path.exists():
       written = sorted(p.name for p in directory.glob("process_*.json"))
+      if not written:
+        raise _DamagedFile(f"{directory.name}/{path.name} is missing")
       raise CheckpointMismatchError(
           f"{path} does not exist (the checkpoint holds {written}): resume with the number of "
           f"processes that wrote it.")
-    return json.loads(path.read_text())
+    return _read_json(path)
 
   def metadata(self, directory: epath.Path) -> None:
     return None
@@ -77,6 +128,130 @@ class DataStateRestore(ocp.args.CheckpointArgs):
   pass
 
 
+def _read_json(path: epath.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise _DamagedFile(f"{path.parent.name}/{path.name} is missing") from None
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError.
+    raise _DamagedFile(
+        f"{path.parent.name}/{path.name} is not valid JSON ({_first_line(e)})") from None
+
+
+# ---- Checksums of the saved arrays: a small JSON item beside `state` and `data`. ----
+
+
+class ChecksumsHandler(ocp.CheckpointHandler):
+  """Writes (process 0) and reads the record of `array_record`."""
+
+  def save(self, directory: epath.Path, args: "ChecksumsSave") -> None:
+    if jax.process_index() == 0:  # The record is the same on every process.
+      directory.mkdir(parents=True, exist_ok=True)
+      arrays = ",\n".join(f"  {json.dumps(path)}: {json.dumps(entry, sort_keys=True)}"
+                          for path, entry in sorted(args.record["arrays"].items()))
+      (directory / CHECKSUMS_FILE).write_text(f'{{"arrays": {{\n{arrays}\n}}}}\n')
+
+  def restore(self, directory: epath.Path, args: "ChecksumsRestore | None" = None) -> dict:
+    record = _read_json(directory / CHECKSUMS_FILE)
+    if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
+      raise _DamagedFile(f"{directory.name}/{CHECKSUMS_FILE} holds no array checksums")
+    return record
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(ChecksumsHandler, for_save=True)
+@dataclasses.dataclass
+class ChecksumsSave(ocp.args.CheckpointArgs):
+  record: dict
+
+
+@ocp.args.register_with_handler(ChecksumsHandler, for_restore=True)
+@dataclasses.dataclass
+class ChecksumsRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# Two independent 32-bit lanes (seeds: digits of pi): damage goes unnoticed with odds ~2^-64.
+_CHECKSUM_SEEDS = (0x243F6A88, 0x85A308D3)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """murmur3's finaliser: a bijection of uint32 in which each input bit flips ~half the output."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32: same shape for dtypes of up to 32 bits, (..., 2) for 64 bits."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  bits = 8 * x.dtype.itemsize
+  if bits > 32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """(2,) uint32: sums over the elements of mix(bits + mix(flat position, seed)), mod 2^32.
+
+  A sum is independent of how the array is sharded (each device adds its part, then the parts
+  are added), so the checksum is computed where the arrays are, with no host copy, and a
+  checkpoint restored onto another mesh still verifies. Mixing each element's bits with its
+  position makes flipped bits, zeroed blocks and moved elements change the sum.
+  """
+  words = _words(x)
+  position = jnp.zeros(words.shape, jnp.uint32)
+  for axis, size in enumerate(words.shape):  # Flat position, without reshaping a sharded array.
+    position = position * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+  return jnp.stack([
+      jnp.sum(_mix32(words + _mix32(position ^ jnp.uint32(seed))), dtype=jnp.uint32)
+      for seed in _CHECKSUM_SEEDS])
+
+
+# One program per array shape (and sharding): a ViT's blocks, and the student, teacher and
+# optimizer moments, share them, so a state of hundreds of arrays compiles a few dozen.
+_leaf_checksum = jax.jit(_array_checksum)
+
+
+def array_record(tree: Any) -> dict[str, dict]:
+  """{'path/of/array': {'shape', 'dtype', 'checksum'}} for every array of `tree`.
+
+  Computed where the arrays live (any sharding, several hosts); the result is the same on every
+  process. Paths are those of `flat_shapes`.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  # One array at a time: the checksums of sharded arrays end in all-reduces, and many of those
+  # in flight at once can starve the CPU backend's collective threads (a hang, then abort).
+  sums = [jax.device_get(_leaf_checksum(leaf)) for _, leaf in leaves]
+  return {"/".join(_key_name(entry) for entry in path): {
+      "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+      "checksum": "".join(f"{int(word):08x}" for word in np.asarray(checksum))}
+          for (path, leaf), checksum in zip(leaves, sums)}
+
+
+def _differing_arrays(saved: dict[str, dict], restored: dict[str, dict]) -> str | None:
+  """A one-line description of restored arrays that differ from the saved record, or None."""
+  differing = sorted(path for path, entry in restored.items()
+                     if saved.get(path, {}).get("checksum") != entry["checksum"])
+  if not differing:
+    return None
+  return (f"{len(differing)} of its {len(restored)} arrays differ from the checksums saved "
+          f"with them (e.g. {differing[0]})")
+
+
 # ---- Shape checks. ----
 
 
@@ -98,6 +273,10 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
+def _record_shapes(record: dict) -> dict[str, tuple[int, ...]]:
+  return {path: tuple(entry["shape"]) for path, entry in record["arrays"].items()}
+
+
 def describe_mismatch(saved: dict[str, tuple[int, ...]],
                       expected: dict[str, tuple[int, ...]]) -> str | None:
   """A one-line description of how two flat shape dicts differ, or None when they agree."""
@@ -117,10 +296,17 @@ def describe_mismatch(saved: dict[str, tuple[int, ...]],
 # ---- The run's checkpoint manager. ----
 
 
-class Checkpointer:
-  """Saves and restores {state, data-iterator state} under WORKDIR/checkpoints, keeping the last few.
+def _all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process (each reads its own files, so damage may be local)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
-  Every process calls every method (orbax coordinates the hosts).
+
+class Checkpointer:
+  """Saves and restores {state, data-iterator state, checksums} under WORKDIR/checkpoints.
+
+  Keeps the last few. Every process calls every method (orbax coordinates the hosts).
   """
 
   def __init__(self, directory: str, *, keep: int):
@@ -128,9 +314,7 @@ class Checkpointer:
     state_handler = ocp.StandardCheckpointHandler()
     registry.add("state", ocp.args.StandardSave, state_handler)
     registry.add("state", ocp.args.StandardRestore, state_handler)
-    data_handler = DataStateHandler()
-    registry.add("data", DataStateSave, data_handler)
-    registry.add("data", DataStateRestore, data_handler)
+    _add_small_items(registry)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(max(1, int(keep))),
         enable_async_checkpointing=True,
@@ -139,46 +323,297 @@ class Checkpointer:
         create=True)
     self.directory = directory
     self._manager = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+    self._saving = None  # The step of the save in flight.
+    self._save_failed = False  # Reported once; later waits and `close` stay quiet.
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def check_compatible(self, step: int, abstract_state: Any) -> None:
-    """Raises CheckpointMismatchError when checkpoint `step` has other arrays or shapes."""
-    metadata = self._manager.item_metadata(step)["state"]
-    saved = flat_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  # -- Restore.
+
+  def _damaged(self, step: int, what: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f"checkpoint {step} in {self.directory} is damaged: {what}")
+
+  def check_compatible(self, step: int, abstract_state: Any) -> dict | None:
+    """Checks that checkpoint `step` is whole and holds the arrays of `abstract_state`.
+
+    Returns:
+      Its checksum record, or None for a checkpoint written before checksums existed.
+    Raises:
+      CheckpointMismatchError: it holds other arrays or shapes (another model).
+      CheckpointDamagedError: its record or orbax's metadata is missing or unreadable.
+    """
+    try:
+      record = _read_record(self._manager, step)
+    except _DamagedFile as e:
+      raise self._damaged(step, str(e)) from None
+    saved = _orbax_shapes(self._manager, step)
+    if saved is None:
+      raise self._damaged(step, "state/_METADATA is missing or unreadable")
+    if record is not None and saved != _record_shapes(record):
+      raise self._damaged(step, f"state/_METADATA disagrees with {CHECKSUMS_FILE}")
     problem = describe_mismatch(saved, flat_shapes(abstract_state))
     if problem:
       raise CheckpointMismatchError(
           f"the checkpoint at {self.directory}/{step} was written for a different model: "
           f"{problem}. Use a new --workdir, or the config that wrote it.")
+    return record
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, data-iterator state) of `step` into the shardings `abstract_state` carries.
 
+    Every array is checked against its checksum.
+
     Args:
       step: a step of `all_steps()`.
       abstract_state: the state's pytree of jax.ShapeDtypeStruct with `sharding` set.
+
+    Raises:
+      CheckpointMismatchError: the checkpoint is of another model.
+      CheckpointDamagedError: a file of it is missing or unreadable, or an array differs from
+        its checksum (one line: the step and what is wrong).
     """
-    self.check_compatible(step, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+    record = self.check_compatible(step, abstract_state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore()))
+    except CheckpointMismatchError:
+      raise
+    except _DamagedFile as e:
+      raise self._damaged(step, str(e)) from None
+    except Exception as e:  # pylint: disable=broad-except
+      # Whatever orbax or tensorstore raise on a broken file (there is no common type).
+      raise self._damaged(step, f"cannot read it ({_first_line(e)})") from e
+    if record is None:
+      logging.warning("Checkpoint %d in %s has no checksums (written by an older dora-jax): "
+                      "restored without verifying it.", step, self.directory)
+    else:
+      problem = _differing_arrays(record["arrays"], array_record(restored["state"]))
+      if problem:
+        raise self._damaged(step, problem)
     return restored["state"], restored["data"]
 
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    """(state, data state) of the newest intact checkpoint; None when there is no checkpoint.
+
+    A damaged newer checkpoint is reported in one line and moved aside to STEP.damaged (the
+    resumed run saves that step again); it is never deleted.
+
+    Raises:
+      CheckpointDamagedError: there are checkpoints, but none is intact; nothing was moved.
+      CheckpointMismatchError: the newest readable checkpoint is of another model.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      error = None
+      try:
+        restored = self.restore(step, abstract_state)
+      except CheckpointDamagedError as e:
+        error = e
+      if not _all_processes(error is None):
+        damaged.append((step, error or self._damaged(step, "unreadable on another process")))
+        continue
+      for bad_step, bad_error in damaged:
+        moved = self._move_aside(bad_step)
+        logging.warning("%s. Moved it to %s; resuming from step %d.", bad_error, moved, step)
+      logging.info("Resuming from %s/%d", self.directory, step)
+      return restored
+    if damaged:
+      older = f" (and {len(damaged) - 1} older damaged)" if len(damaged) > 1 else ""
+      raise CheckpointDamagedError(
+          f"no checkpoint in {self.directory} is intact: {damaged[0][1]}{older}. To start from "
+          f"scratch, move {self.directory} aside and run again.")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Renames checkpoints/STEP to STEP.damaged (process 0), so that orbax no longer lists it."""
+    directory = epath.Path(self.directory)
+    target = directory / f"{step}{DAMAGED_SUFFIX}"
+    suffix = 1
+    while target.exists():
+      suffix += 1
+      target = directory / f"{step}{DAMAGED_SUFFIX}-{suffix}"
+    if jax.process_index() == 0:
+      (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"dora_jax moved checkpoint {step} aside")
+    self._manager.reload()
+    return os.fspath(target)
+
+  # -- Save.
+
+  def _failure(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    self._save_failed = True
+    complete = [s for s in self._manager.all_steps() if s != step]
+    last = (f"the last complete checkpoint is step {max(complete)}" if complete
+            else "no checkpoint is complete yet")
+    if _is_disk_full(error):
+      return CheckpointSaveError(
+          f"saving checkpoint {step} to {self.directory} failed: No space left on device; "
+          f"{last}. Free some space and run the same command again to resume.")
+    return CheckpointSaveError(
+        f"saving checkpoint {step} to {self.directory} failed: {_first_line(error)}; {last}.")
+
   def save(self, step: int, state: Any, data_state: dict) -> None:
-    """Starts an asynchronous save; returns once the arrays are copied off the devices."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=DataStateSave(data_state)), force=True)
+    """Starts an asynchronous save; returns once the arrays are copied off the devices.
+
+    Raises:
+      CheckpointSaveError: this save, or the previous one still in flight, failed.
+    """
+    self.wait_until_finished()  # A failure of the previous save is reported as that step's.
+    # The checksums are computed from the very arrays handed to orbax, before the next step
+    # (which donates them) runs; orbax finalises the step only once the record is written too.
+    record = {"arrays": array_record(state)}
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=DataStateSave(data_state),
+          checksums=ChecksumsSave(record)), force=True, custom_metadata={_CHECKSUMS_MARK: True})
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failure(step, e) from e
+    self._saving = step
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the hosts agreed (jax's preemption sync point) to stop after `step`."""
     return self._manager.reached_preemption(step)
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is written.
+
+    Raises:
+      CheckpointSaveError: it failed (once; later calls return).
+    """
+    if self._save_failed:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failure(self._saving, e) from e
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._save_failed:
+        raise
+      # The failed save was reported; orbax re-raises it while closing, close the rest.
+      logging.info("Closing the checkpoint manager after a failed save.", exc_info=True)
+
+
+def _add_small_items(registry: ocp.handlers.DefaultCheckpointHandlerRegistry) -> None:
+  data_handler = DataStateHandler()
+  registry.add("data", DataStateSave, data_handler)
+  registry.add("data", DataStateRestore, data_handler)
+  checksums_handler = ChecksumsHandler()
+  registry.add("checksums", ChecksumsSave, checksums_handler)
+  registry.add("checksums", ChecksumsRestore, checksums_handler)
+
+
+def _read_record(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The checksum record of `step`; None for a checkpoint written without one."""
+  try:
+    with _absl_quiet("could not be restored"):  # The state's metadata is checked on its own.
+      has_record = bool(manager.metadata(step).custom_metadata.get(_CHECKSUMS_MARK))
+  except Exception:  # pylint: disable=broad-except
+    has_record = None  # orbax's step metadata is unreadable: look for the record itself.
+  step_dir = epath.Path(manager.directory) / str(step)
+  if has_record is None:
+    has_record = (step_dir / "checksums").exists()
+  if not has_record:
+    return None
+  return ChecksumsHandler().restore(step_dir / "checksums")
+
+
+def _orbax_shapes(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The array shapes orbax's metadata of `step` lists; None if it is missing or unreadable."""
+  try:
+    # Without its metadata orbax warns that it cannot restore "state": we say it better.
+    with _absl_quiet("could not be restored"):
+      metadata = manager.item_metadata(step)["state"]
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if metadata is None:
+    return None
+  shapes = flat_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+  return shapes or None
+
+
+@contextlib.contextmanager
+def _absl_quiet(text: str):
+  """Drops the absl (orbax) log records that contain `text` while the block runs."""
+  quiet = logging_std.Filter()
+  quiet.filter = lambda record: text not in record.getMessage()
+  logging_std.getLogger("absl").addFilter(quiet)
+  try:
+    yield
+  finally:
+    logging_std.getLogger("absl").removeFilter(quiet)
+
+
+def open_read_only(checkpoint_dir: str) -> ocp.CheckpointManager:
+  """A CheckpointManager that reads (never writes) the checkpoints of a run, for `load_backbone`.
+
+  `state` restores through PyTreeRestore (a part of the state, e.g. only the teacher).
+  """
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+  _add_small_items(registry)
+  with _absl_quiet("Given directory is read only"):  # That is what we ask for.
+    return ocp.CheckpointManager(
+        checkpoint_dir, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0),
+        handler_registry=registry)
+
+
+def verify_step(checkpoint_dir: str, step: int, part: str | None = None) -> None:
+  """Checks checkpoint `step` (its `part` of the state, e.g. 'teacher', or all of it) for damage.
+
+  Reads the arrays on one device and compares them with the checksums saved with them.
+
+  Raises:
+    CheckpointDamagedError: a file is missing or unreadable, or an array differs from its
+      checksum (one line: the step and what is wrong).
+  """
+  manager = open_read_only(checkpoint_dir)
+  damaged = lambda what: CheckpointDamagedError(
+      f"checkpoint {step} in {checkpoint_dir} is damaged: {what}")
+  try:
+    try:
+      record = _read_record(manager, step)
+    except _DamagedFile as e:
+      raise damaged(str(e)) from None
+    saved = _orbax_shapes(manager, step)
+    if saved is None:
+      raise damaged("state/_METADATA is missing or unreadable")
+    if record is None:
+      logging.warning("Checkpoint %d in %s has no checksums (written by an older dora-jax): "
+                      "not verified.", step, checkpoint_dir)
+      return
+    if saved != _record_shapes(record):
+      raise damaged(f"state/_METADATA disagrees with {CHECKSUMS_FILE}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {}
+    for path, entry in record["arrays"].items():
+      names = path.split("/")
+      if part is None or names[0] == part:
+        node = abstract
+        for name in names[:-1]:
+          node = node.setdefault(name, {})
+        node[names[-1]] = jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]),
+                                               sharding=device)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise damaged(f"cannot read it ({_first_line(e)})") from e
+    problem = _differing_arrays(record["arrays"], array_record(restored))
+    if problem:
+      raise damaged(problem)
+  finally:
+    manager.close()
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -46,10 +46,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     sharding.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.batch_size < num_devices or config.batch_size % num_devices:
+  if config.batch_size < 1:
+    raise ConfigError(f"config batch_size={config.batch_size}: must be a positive multiple of the "
+                      f"{num_devices} devices (e.g. --config.batch_size={num_devices}).")
+  if config.batch_size % num_devices:
     raise ConfigError(
         f"config batch_size={config.batch_size} does not divide over the {num_devices} devices: "
-        f"use a positive multiple of {num_devices} (e.g. --config.batch_size="
+        f"use a multiple of {num_devices} (e.g. --config.batch_size="
         f"{max(1, round(config.batch_size / num_devices)) * num_devices}).")
   if config.batch_size % num_processes:
     raise ConfigError(f"config batch_size={config.batch_size} does not divide over the "

@@ -53,18 +53,17 @@ def load_backbone(path: str):
     FileNotFoundError: `path` is not a work folder or has no checkpoint; nothing falls back to
       other weights.
     checkpoints.CheckpointMismatchError: the checkpoint does not fit the run's config.
+    checkpoints.CheckpointDamagedError: the checkpoint's teacher is damaged (a file missing or
+      unreadable, an array differing from its checksum); never NaN features.
   """
   workdir, checkpoint_dir, step = _resolve_run(path)
   config = checkpoints.read_config(workdir)
-  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
-  manager = ocp.CheckpointManager(
-      checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      handler_registry=registry)
+  manager = checkpoints.open_read_only(checkpoint_dir)
   step = manager.latest_step() if step is None else step
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint"
                             + (f" for step {step}" if step is not None else "") + ".")
+  checkpoints.verify_step(checkpoint_dir, step, "teacher")
   graphdef, abstract_state = train_step.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract_teacher = jax.tree.map(

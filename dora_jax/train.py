@@ -4,11 +4,14 @@
               anything is written or compiled); the clip plan and the run length.
   mesh        the ('data', 'fsdp') mesh, the state's shapes (`jax.eval_shape`), its shardings.
   update      the train step of `train_step.py`, jitted with those shardings, state donated.
-  checkpoint  restore the work folder's latest checkpoint (state + data position) or initialise.
+  checkpoint  restore the newest intact checkpoint of the work folder (state + data position; a
+              damaged newer one is reported and set aside) or initialise.
   input       the grain iterator of this host's batches, at the restored position.
-  loop        step, metrics, pictures, evaluators (`config.eval`), checkpoints, until `total_steps` or SIGTERM (preemption),
-              which saves and returns; a non-finite loss stops the run, keeping the last good
-              checkpoint.
+  loop        step, metrics, pictures, evaluators (`config.eval`), checkpoints, until
+              `total_steps` or SIGTERM (preemption), which saves and returns; a non-finite loss
+              stops the run, keeping the last good checkpoint.
+
+The work folder is locked (`workdir_lock`) for the whole run: a second run on it stops at once.
 """
 import os
 import signal
@@ -28,6 +31,7 @@ from dora_jax import pretrained
 from dora_jax import sharding as sharding_lib
 from dora_jax import train_step
 from dora_jax import visualize
+from dora_jax import workdir_lock
 from dora_jax.data import pipeline
 from dora_jax.evaluation import periodic
 
@@ -45,7 +49,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preflight.ConfigError: bad input, found before anything is written or compiled.
     checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    workdir_lock.WorkdirLockedError: another live run uses `workdir`.
+    checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
+    checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
+  with workdir_lock.run_lock(workdir, command="dora-train"):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # ---- Checks: nothing is written or compiled before they pass. ----
   plan = preflight.plan_run(config, workdir)
   workdir, total_steps = plan.workdir, plan.total_steps
@@ -79,12 +91,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- Checkpoint: restore the latest, or initialise. ----
   checkpointer = checkpoints_lib.Checkpointer(
       paths.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
+  restored = checkpointer.restore_latest(
+      sharding_lib.with_shardings(abstract_state, state_sharding))
   data_state = None
-  if latest is not None:
-    logging.info("Resuming from %s/%d", checkpointer.directory, latest)
-    state, data_state = checkpointer.restore(
-        latest, sharding_lib.with_shardings(abstract_state, state_sharding))
+  if restored is not None:
+    state, data_state = restored
   else:
     init = jax.jit(
         lambda rng: train_step.init_train_state(
@@ -138,10 +149,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           what = (f"the loss is {float(bad_metrics['loss'])}" if not np.isfinite(
               bad_metrics["loss"]) else "the parameters are not finite")
           checkpointer.wait_until_finished()
+          last_good = checkpointer.latest_step()
           raise NonFiniteLossError(
-              f"{what} at step {bad_step}: stopping. The last good checkpoint is step "
-              f"{checkpointer.latest_step()} in {checkpointer.directory}; change the config "
-              "(e.g. a lower --config.optim.base_lr) and run again.")
+              f"{what} at step {bad_step}: stopping. " + (
+                  f"The last good checkpoint is step {last_good} in {checkpointer.directory}"
+                  if last_good is not None else "No checkpoint was saved before it, so the "
+                  "next run starts from scratch") + "; change the config (e.g. a lower "
+              "--config.optim.base_lr) and run again.")
         if log_now:
           last_metrics = {name: float(value) for name, value in fetched[-1][1].items()
                           if name != "finite"}
@@ -168,13 +182,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        "command again to resume.")
         break
   finally:
-    # Saves in flight finish (or the last good one stays) before the process goes.
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    preemption.close()
-    writer.close()
-    if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
-      data_iter.close()
+    try:
+      # Saves in flight finish (or the last good one stays) before the process goes.
+      checkpointer.wait_until_finished()
+    finally:  # Also when that save failed.
+      checkpointer.close()
+      preemption.close()
+      writer.close()
+      if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
+        data_iter.close()
   return last_metrics
 
 
