@@ -33,12 +33,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---- DoRA object discovery, tracking and masking (ignored when dora.enabled is False). ----
   c.dora = ml_collections.ConfigDict()
-  c.dora.enabled = True  # False gives the DINO baseline: the student sees the full frames.
+  c.dora.enabled = True  # False: DINO (loss over pairs of different views; configs/dino_*.py).
   c.dora.num_objects = 3  # k: attention heads picked at random, one object each.
   c.dora.sinkhorn_iters = 3  # Fixed Sinkhorn-Knopp iterations in `refine` (paper 3, ref code 30).
   c.dora.sinkhorn_epsilon = 0.05  # Entropic regularisation of the OT step.
   c.dora.mask_mode = "remove"  # "remove": drop a random non-empty object subset; "keep": one view per object.
-  c.dora.mask_threshold = "mean"  # Heat-map cut: each row's mean ("mean"), the public code's "batch_mean", or a float.
+  c.dora.mask_threshold = "mean"  # Heat-map cut: row mean ("mean"), public code's "batch_mean", a float.
 
   # ---- DINO loss. ----
   c.loss = ml_collections.ConfigDict()
@@ -67,21 +67,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_videos = 0  # Keep only the first n of those videos (manifest order); 0: all.
   c.data.frames_per_clip = 8  # T: frames per clip (frame 0 is the anchor).
   c.data.frame_stride = 60  # Distance between a clip's frames, in stored frames.
-  c.data.global_pre_size = 300  # Side of the first, clip-level random-resized crop.
+  c.data.global_pre_size = 300  # Side of the first, clip-level random-resized crop; 0: none (DINO).
   c.data.global_pre_scale = (0.2, 1.0)  # Area range of that crop.
   c.data.global_size = 224  # Side of the global views.
   c.data.global_scale = (0.4, 1.0)  # Area range of the global crop from the pre-crop.
+  c.data.global_crops_per_frame = 1  # 1: one crop per clip (DoRA); 2: two per frame (DINO).
   c.data.num_local_crops = 6  # M: local crops per frame (0 disables them).
   c.data.local_size = 112  # Side of the local crops.
   c.data.local_scale = (0.05, 0.4)  # Area range of the local crops within the pre-crop.
-  c.data.flip_prob = 0.5  # Horizontal flip, once per clip.
+  c.data.flip_prob = 0.5  # Horizontal flip of the global view: per clip (DoRA), per crop (DINO).
+  c.data.local_flip_prob = 0.0  # Horizontal flip of each local crop (public DoRA code: 0, DINO: 0.5).
   c.data.color_jitter_prob = 0.8  # Probability of colour jitter, per frame.
   c.data.brightness = 0.4  # Colour jitter: brightness strength.
   c.data.contrast = 0.4  # Colour jitter: contrast strength.
   c.data.saturation = 0.2  # Colour jitter: saturation strength.
   c.data.hue = 0.1  # Colour jitter: hue strength.
   c.data.grayscale_prob = 0.2  # Probability of grayscale, per frame.
-  c.data.global_blur_prob = 0.1  # Gaussian blur probability on global views.
+  c.data.global_blur_prob = 0.1  # Gaussian blur probability on the (first) global view.
+  c.data.second_global_blur_prob = 0.1  # Gaussian blur probability on DINO's second global crop.
+  c.data.second_global_solarize_prob = 0.2  # Solarization probability on DINO's second global crop.
   c.data.local_blur_prob = 0.5  # Gaussian blur probability on local crops.
   c.data.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range.
   c.data.num_workers = 8  # grain worker processes per host (0: in the main process).

@@ -7,6 +7,11 @@ answers on the masked view(s) of frame t and on its M local crops. The loss of a
 
 (the masked term alone when M = 0), averaged over frames and clips. This is the clean mean: the
 public reference code drops local crop 0 and weights objects unevenly when it averages.
+
+The DINO baseline uses DINO's own multi-crop loss (`dino_multicrop_loss`): each frame is an image
+with G global views (the teacher's) and V >= G student views (the same G global views first, then
+the local crops); the loss is the mean cross-entropy over every (teacher view i, student view j)
+pair with j != i, as DINOLoss in facebookresearch/dino.
 """
 import jax
 import jax.numpy as jnp
@@ -43,6 +48,36 @@ def dino_loss(teacher_probs: jax.Array, masked_logits: jax.Array,
   local_term = jnp.mean(
       cross_entropy(teacher_probs[:, :, None], local_logits, student_temp), axis=-1)
   return jnp.mean(0.5 * masked_term + 0.5 * local_term)
+
+
+def dino_multicrop_loss(teacher_probs: jax.Array, student_logits: jax.Array, *,
+                        student_temp: float) -> jax.Array:
+  """DINO's loss: mean CE over the (teacher global view, student view) pairs of different views.
+
+  Args:
+    teacher_probs: (..., G, K) targets from `teacher_targets` on the G global views of each image.
+    student_logits: (..., V, K) student logits on the V >= G views of the same images: views
+      0..G-1 are the teacher's G global views in the same order, the rest the local crops.
+    student_temp: tau_s.
+
+  Returns:
+    The mean over images (the leading axes) and over the G (V - 1) pairs (i, j), j != i, of
+    CE(teacher_probs[i], student_logits[j]): the same-view terms (j == i) are left out.
+  """
+  num_global, num_views = teacher_probs.shape[-2], student_logits.shape[-2]
+  if num_views < num_global or num_views < 2:
+    raise ValueError(
+        f"dino_multicrop_loss: student_logits {tuple(student_logits.shape)} must hold the "
+        f"{num_global} global views of teacher_probs {tuple(teacher_probs.shape)} first, and at "
+        "least 2 views in all.")
+  log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+  # HIGHEST: a float32 sum over K, as `cross_entropy` (TPU/GPU default einsums round to bf16/tf32).
+  pair_ce = -jnp.einsum("...ik,...jk->...ij", teacher_probs.astype(jnp.float32), log_probs,
+                        precision=jax.lax.Precision.HIGHEST)  # (..., G, V)
+  different = ~jnp.eye(num_global, num_views, dtype=bool)
+  per_image = jnp.sum(jnp.where(different, pair_ce, 0.0), axis=(-2, -1)) / (
+      num_global * (num_views - 1))
+  return jnp.mean(per_image)
 
 
 def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float) -> jax.Array:

@@ -67,15 +67,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           f"config data.frames_per_clip={config.data.frames_per_clip}: must be at least 2 "
           "(frame 0 is the anchor where objects are discovered, the others are where they are "
           "tracked).")
+    if config.data.global_crops_per_frame != 1:
+      raise ConfigError(
+          f"config data.global_crops_per_frame={config.data.global_crops_per_frame}: DoRA masks "
+          "one global view per frame; use 1, or dora.enabled=False for DINO's two crops.")
     try:
       train_step.dora_options(config)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  elif config.data.global_crops_per_frame == 1 and config.data.num_local_crops == 0:
+    raise ConfigError("config dora.enabled=False (DINO) with data.global_crops_per_frame=1 and "
+                      "data.num_local_crops=0 leaves no pair of different views to learn from.")
   for key in ("global_size", "local_size"):
     if config.data[key] % size.patch_size:
       raise ConfigError(f"config data.{key}={config.data[key]} is not a multiple of the patch "
                         f"size {size.patch_size}.")
-  if config.data.global_pre_size < config.data.global_size:
+  if 0 < config.data.global_pre_size < config.data.global_size:
     raise ConfigError(
         f"config data.global_pre_size={config.data.global_pre_size} is smaller than "
         f"data.global_size={config.data.global_size}: the global views are cut from it.")

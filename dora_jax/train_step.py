@@ -1,4 +1,4 @@
-"""One DoRA (or DINO) update as a pure function: docs/docs/DESIGN.md steps 2-8.
+"""One DoRA (or DINO) update as a pure function: docs/DESIGN.md steps 2-8.
 
 The train state is one pytree (a dict) that orbax saves whole:
 
@@ -74,6 +74,10 @@ def _check_batch(batch: Batch) -> None:
     raise ValueError(
         "batch['frames'] must be uint8 (B, T, H, W, 3) global views; got "
         f"{None if frames is None else tuple(frames.shape)}.")
+  second = batch.get("second_frames")
+  if second is not None and second.shape != frames.shape:
+    raise ValueError(f"batch['second_frames'] must match batch['frames'] {tuple(frames.shape)}; "
+                     f"got {tuple(second.shape)}.")
   crops = batch.get("crops")
   if crops is not None and (crops.ndim != 6 or crops.shape[:2] != frames.shape[:2]):
     raise ValueError(
@@ -81,59 +85,104 @@ def _check_batch(batch: Batch) -> None:
         f"got {tuple(crops.shape)}.")
 
 
+def _local_crops(batch: Batch) -> jax.Array | None:
+  """The batch's normalised local crops (B, T, M, h, w, 3), or None without any."""
+  if "crops" not in batch or batch["crops"].shape[2] == 0:
+    return None
+  return vit.normalize_images(batch["crops"])
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """(..., H, W, 3) -> (prod(...), H, W, 3): views as one batch of images for the ViT."""
+  return x.reshape((-1,) + x.shape[-3:])
+
+
 def compute_loss(config, dora: objects.DoraOptions | None, graphdef: nnx.GraphDef,
                  params: nnx.State, teacher_params: nnx.State, constants: nnx.State,
                  center: jax.Array, batch: Batch, teacher_temp: jax.Array,
                  key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The DoRA loss of one batch (the DINO baseline's when `dora` is None), differentiable in
-  `params` only.
+  """The DoRA loss of one batch (DINO's when `dora` is None), differentiable in `params` only.
 
   Teacher outputs, tracking and masks are under stop_gradient: the gradient with respect to
   `teacher_params` is exactly zero (tests check this).
 
   batch: 'frames' uint8 (B, T, H, W, 3) global views, 'crops' uint8 (B, T, M, h, w, 3) local
-  crops (optional).
+  crops (optional); for DINO also 'second_frames' (B, T, H, W, 3), the second global crops.
+
+  aux: 'teacher_logits' (B, T, K) for DoRA, (B, T, G, K) for DINO (the centre averages them
+  all), 'teacher_entropy', 'kl', 'masked_area', 'object_overlap' (0 for DINO).
   """
   _check_batch(batch)
+  teacher = nnx.merge(graphdef, teacher_params, constants)
+  student = nnx.merge(graphdef, params, constants)
+  if dora is None:
+    return _dino_loss(config, teacher, student, center, batch, teacher_temp, key)
+  if "second_frames" in batch:
+    raise ValueError("DoRA takes one global view per frame, but the batch has "
+                     "'second_frames' (data.global_crops_per_frame=2 is DINO's).")
   frames = vit.normalize_images(batch["frames"])  # (B, T, H, W, 3)
   batch_size, frames_per_clip = frames.shape[:2]
-  flat = lambda x: x.reshape((-1,) + x.shape[-3:])
   track_key, masked_key, local_key = jax.random.split(key, 3)
 
-  teacher = nnx.merge(graphdef, teacher_params, constants)
-  teacher_logits, teacher_out = teacher(flat(frames))
+  teacher_logits, teacher_out = teacher(_flat(frames))
   teacher_logits = jax.lax.stop_gradient(teacher_logits).reshape(
       batch_size, frames_per_clip, -1)  # (B, T, K)
   probs = losses.teacher_targets(teacher_logits, center, teacher_temp)
 
-  aux = {}
-  if dora is not None:
-    found = objects.object_views(dora, teacher_out, frames, track_key)
-    views = found["views"]  # (B, T, V, H, W, 3)
-    aux["masked_area"] = 1.0 - jnp.mean(found["visible"])
-    aux["object_overlap"] = objects.object_overlap(found["masks"])
-  else:
-    views = frames[:, :, None]
-    aux["masked_area"] = jnp.zeros((), jnp.float32)
-    aux["object_overlap"] = jnp.zeros((), jnp.float32)
+  found = objects.object_views(dora, teacher_out, frames, track_key)
+  views = found["views"]  # (B, T, V, H, W, 3)
   num_views = views.shape[2]
 
-  student = nnx.merge(graphdef, params, constants)
-  masked_logits, _ = student(flat(views), drop_path_rng=masked_key)
+  masked_logits, _ = student(_flat(views), drop_path_rng=masked_key)
   masked_logits = masked_logits.reshape(batch_size, frames_per_clip, num_views, -1)
   local_logits = None
-  if "crops" in batch and batch["crops"].shape[2] > 0:
-    crops = vit.normalize_images(batch["crops"])  # (B, T, M, h, w, 3)
-    local_logits, _ = student(flat(crops), drop_path_rng=local_key)
+  crops = _local_crops(batch)
+  if crops is not None:
+    local_logits, _ = student(_flat(crops), drop_path_rng=local_key)
     local_logits = local_logits.reshape(crops.shape[:3] + (-1,))
   loss = losses.dino_loss(probs, masked_logits, local_logits,
                           student_temp=config.loss.student_temp)
-  aux.update(
+  aux = dict(
       teacher_logits=teacher_logits,
       teacher_entropy=losses.entropy(probs),
       kl=losses.kl_divergence(probs[:, :, None], jax.lax.stop_gradient(masked_logits),
                               config.loss.student_temp),
+      masked_area=1.0 - jnp.mean(found["visible"]),
+      object_overlap=objects.object_overlap(found["masks"]),
   )
+  return loss, aux
+
+
+def _dino_loss(config, teacher: dino.DinoModel, student: dino.DinoModel, center: jax.Array,
+               batch: Batch, teacher_temp: jax.Array,
+               key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """DINO: every frame an image; the teacher sees its G global crops, the student all its views.
+
+  The loss is `losses.dino_multicrop_loss`: the mean over (teacher global i, student view j)
+  pairs with j != i (with G = 1, the teacher's one view against the local crops only).
+  """
+  global_views = [batch["frames"]] + ([batch["second_frames"]] if "second_frames" in batch else [])
+  global_views = vit.normalize_images(jnp.stack(global_views, axis=2))  # (B, T, G, H, W, 3)
+  leading = global_views.shape[:3]
+  global_key, local_key = jax.random.split(key)
+
+  teacher_logits, _ = teacher(_flat(global_views))
+  teacher_logits = jax.lax.stop_gradient(teacher_logits).reshape(leading + (-1,))  # (B, T, G, K)
+  probs = losses.teacher_targets(teacher_logits, center, teacher_temp)
+
+  student_logits, _ = student(_flat(global_views), drop_path_rng=global_key)
+  student_logits = student_logits.reshape(leading + (-1,))  # (B, T, G, K)
+  crops = _local_crops(batch)
+  if crops is not None:
+    local_logits, _ = student(_flat(crops), drop_path_rng=local_key)
+    student_logits = jnp.concatenate(
+        [student_logits, local_logits.reshape(crops.shape[:3] + (-1,))], axis=2)  # (B, T, G+M, K)
+  loss = losses.dino_multicrop_loss(probs, student_logits, student_temp=config.loss.student_temp)
+  entropy = losses.entropy(probs)
+  zero = jnp.zeros((), jnp.float32)
+  # Every teacher view is in the same number of pairs, so loss - entropy is the mean KL over them.
+  aux = dict(teacher_logits=teacher_logits, teacher_entropy=entropy,
+             kl=jax.lax.stop_gradient(loss) - entropy, masked_area=zero, object_overlap=zero)
   return loss, aux
 
 

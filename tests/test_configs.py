@@ -9,6 +9,7 @@ from ml_collections import config_flags
 import pytest
 
 from dora_jax import config_base
+from dora_jax import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = ("configs/dora_vits16_wtours.py", "configs/dino_vits16_wtours.py", "configs/demo.py")
@@ -89,12 +90,46 @@ def test_paper_config_arguments():
     module.get_config("data")
 
 
-def test_dino_baseline_is_the_same_run_without_tracking():
+# What makes the DINO baseline DINO (facebookresearch/dino's views and loss); all else is DoRA's.
+DINO_KEYS = {
+    "dora.enabled": False,  # DINO's loss over pairs of different views.
+    "data.frames_per_clip": 1, "data.frame_stride": 1,  # Frames as images.
+    "data.global_pre_size": 0,  # Crops of the whole frame.
+    "data.global_crops_per_frame": 2,
+    "data.global_blur_prob": 1.0, "data.second_global_blur_prob": 0.1,
+    "data.second_global_solarize_prob": 0.2, "data.local_flip_prob": 0.5,
+}
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def test_dino_baseline_is_dino_views_and_loss_with_the_dora_recipe():
   dora = _load("configs/dora_vits16_wtours.py").get_config("variant=B/16,data=/d")
   dino = _load("configs/dino_vits16_wtours.py").get_config("variant=B/16,data=/d")
-  assert dora.dora.enabled and not dino.dora.enabled
-  dino.dora.enabled = True
-  assert dino.to_dict() == dora.to_dict()
+  for key, value in DINO_KEYS.items():
+    assert _get(dino, key) == value, key
+  assert tuple(dino.data.global_scale) == (0.4, 1.0) and dino.data.global_size == 224
+  changed = {key for key in _flat_keys(dora) if _get(dora, key) != _get(dino, key)}
+  assert changed <= set(DINO_KEYS), changed - set(DINO_KEYS)  # Same model, schedules, crops.
+  preflight.check_config(dino)  # Passes the trainer's checks (frames_per_clip 1 is fine).
+  small = _load("configs/dino_vits16_wtours.py").get_config("runlocal")
+  assert small.data.frames_per_clip == 1 and small.data.global_crops_per_frame == 2
+  preflight.check_config(small)
+
+
+def test_dora_refuses_two_global_crops_and_dino_needs_a_pair_of_views():
+  dora = _load("configs/dora_vits16_wtours.py").get_config("data=/d")
+  dora.data.global_crops_per_frame = 2
+  with pytest.raises(preflight.ConfigError, match="data.global_crops_per_frame=2: DoRA masks"):
+    preflight.check_config(dora)
+  dino = _load("configs/dino_vits16_wtours.py").get_config("data=/d")
+  dino.data.global_crops_per_frame, dino.data.num_local_crops = 1, 0
+  with pytest.raises(preflight.ConfigError, match="no pair of different views"):
+    preflight.check_config(dino)
 
 
 def test_demo_is_tiny_and_finite():

@@ -79,6 +79,21 @@ def test_batches_have_the_contract_shapes(data_dir):
   assert set(no_crops) == {"frames"}
 
 
+def test_dino_batches_are_frames_with_two_different_global_crops(data_dir):
+  config = _config(data_dir, frames_per_clip=1, frame_stride=1, global_pre_size=0,
+                   global_size=48, global_crops_per_frame=2, global_blur_prob=1.0,
+                   local_flip_prob=0.5)
+  plan = pipeline.plan_clips(config)
+  assert plan.num_clips == sum(LENGTHS.values())  # Every stored frame is an image.
+  batch = next(_iterator(config, batch_size=4, seed=0))
+  assert set(batch) == {"frames", "second_frames", "crops"}
+  assert batch["frames"].shape == batch["second_frames"].shape == (4, 1, 48, 48, 3)
+  assert batch["crops"].shape == (4, 1, 2, 16, 16, 3)
+  assert all(batch[key].dtype == np.uint8 for key in batch)
+  for first, second in zip(batch["frames"], batch["second_frames"]):
+    assert np.abs(first.astype(int) - second).mean() > 5  # Other crop, flip, colour, blur.
+
+
 def test_same_seed_same_batches_other_seed_other_batches(data_dir):
   config = _config(data_dir)
   a = _iterator(config, batch_size=4, seed=1)
@@ -149,6 +164,11 @@ def test_bad_config_gives_one_line_errors_naming_the_key(data_dir, tmp_path):
     pipeline.plan_clips(_config(data_dir, frames_per_clip=9))
   with pytest.raises(ValueError, match=r"data\.global_pre_size=64 .* stored frames 64x48"):
     pipeline.plan_clips(_config(data_dir, global_pre_size=64))
+  with pytest.raises(ValueError, match=r"data\.global_crops_per_frame=3 must be 1 .* or 2"):
+    pipeline.plan_clips(_config(data_dir, global_crops_per_frame=3))
+  with pytest.raises(ValueError, match=r"data\.second_global_solarize_prob=1\.5 must be a "
+                     "probability"):
+    pipeline.plan_clips(_config(data_dir, second_global_solarize_prob=1.5))
   assert pipeline.plan_clips(_config(data_dir, frames_per_clip=8, frame_stride=3)).videos
 
 

@@ -47,14 +47,16 @@ def test_global_views_share_box_and_flip_across_the_clip():
   out = views.clip_views(jpegs, (H, W), np.random.default_rng(3), config, return_boxes=True)
   assert out["frames"].shape == (T, 32, 32, 3) and out["frames"].dtype == np.uint8
   assert out["crops"].shape == (T, 3, 16, 16, 3) and out["crops"].dtype == np.uint8
-  left, top, w, h = out["global_box"]
+  assert np.all(out["global_boxes"] == out["global_boxes"][0, 0])  # One box for the clip...
+  assert np.all(out["global_flips"] == out["global_flips"][0, 0])  # ...and one flip.
+  left, top, w, h = out["global_boxes"][0, 0]
   pre_left, pre_top, pre_w, pre_h = out["pre_box"]
   assert pre_left <= left and left + w <= pre_left + pre_w + 1e-9
   assert pre_top <= top and top + h <= pre_top + pre_h + 1e-9
   for t, jpeg in enumerate(jpegs):  # Frame t's global view is frame t cut with the ONE box.
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
     expected = np.asarray(image.resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h)))
-    if out["flip"]:
+    if out["global_flips"][0, 0]:
       expected = expected[:, ::-1]
     np.testing.assert_array_equal(out["frames"][t], expected)
   boxes = out["local_boxes"]  # Local crops: inside the pre-crop, drawn per frame.
@@ -69,14 +71,19 @@ def test_global_views_share_box_and_flip_across_the_clip():
   assert not np.array_equal(same["crops"][0], same["crops"][1])
 
 
-def test_flip_mirrors_every_global_view():
+def test_flip_mirrors_every_global_view_and_local_flips_have_their_own_key():
   jpegs = _frames()
   never = views.clip_views(jpegs, (H, W), np.random.default_rng(7),
                            dataclasses.replace(SMALL, flip_prob=0.0, **NO_COLOUR))
   always = views.clip_views(jpegs, (H, W), np.random.default_rng(7),
                             dataclasses.replace(SMALL, flip_prob=1.0, **NO_COLOUR))
   np.testing.assert_array_equal(always["frames"], never["frames"][:, :, ::-1])
-  np.testing.assert_array_equal(always["crops"], never["crops"][:, :, :, ::-1])
+  np.testing.assert_array_equal(always["crops"], never["crops"])  # local_flip_prob 0: none.
+  local = views.clip_views(jpegs, (H, W), np.random.default_rng(7),
+                           dataclasses.replace(SMALL, flip_prob=0.0, local_flip_prob=1.0,
+                                               **NO_COLOUR))
+  np.testing.assert_array_equal(local["crops"], never["crops"][:, :, :, ::-1])
+  np.testing.assert_array_equal(local["frames"], never["frames"])
 
 
 def test_same_rng_same_views_other_rng_other_views():
@@ -149,11 +156,11 @@ def test_draft_decoding_of_large_frames_keeps_the_view_close():
                                                 num_local_crops=0), **NO_COLOUR)
   out = views.clip_views([jpeg], (H * 8, W * 8), np.random.default_rng(2), config,
                          return_boxes=True)
-  left, top, w, h = out["global_box"]
+  left, top, w, h = out["global_boxes"][0, 0]
   assert min(w, h) / 16 >= 2  # The JPEG was decoded at reduced scale...
   full = Image.open(io.BytesIO(jpeg)).convert("RGB")
   expected = np.asarray(full.resize((16, 16), Image.BILINEAR, box=(left, top, left + w, top + h)))
-  if out["flip"]:
+  if out["global_flips"][0, 0]:
     expected = expected[:, ::-1]
   assert np.abs(out["frames"][0].astype(int) - expected).mean() < 4  # ...to nearly the same view.
 
@@ -175,9 +182,71 @@ def test_blurred_grayscale_views_equal_the_rgb_op_by_op_path():
 
   for t, jpeg in enumerate(jpegs):
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    np.testing.assert_array_equal(out["frames"][t],
-                                  expected(image, out["global_box"], 32, out["flip"]))
+    np.testing.assert_array_equal(
+        out["frames"][t], expected(image, out["global_boxes"][t, 0], 32, out["global_flips"][t, 0]))
     for m in range(3):
       np.testing.assert_array_equal(
           out["crops"][t, m],
           expected(image, out["local_boxes"][t, m], 16, out["local_flips"][t, m]))
+
+
+DINO = dataclasses.replace(SMALL, global_pre_size=0, global_crops_per_frame=2, **NO_COLOUR)
+
+
+def test_dino_views_two_independent_global_crops_of_the_whole_frame():
+  jpegs = _frames()
+  out = views.clip_views(jpegs, (H, W), np.random.default_rng(8),
+                         dataclasses.replace(DINO, second_global_solarize_prob=0.0),
+                         return_boxes=True)
+  assert out["frames"].shape == out["second_frames"].shape == (T, 32, 32, 3)
+  assert out["crops"].shape == (T, 3, 16, 16, 3)
+  boxes = out["global_boxes"]  # (T, 2, 4): every crop its own box, in the whole frame.
+  assert boxes.shape == (T, 2, 4) and len({tuple(b) for b in boxes.reshape(-1, 4)}) == 2 * T
+  for box in np.concatenate([boxes.reshape(-1, 4), out["local_boxes"].reshape(-1, 4)]):
+    assert box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= W and box[1] + box[3] <= H
+  areas = boxes[..., 2] * boxes[..., 3] / (W * H)
+  assert np.all(areas >= 0.4 - 0.05)  # data.global_scale of the frame, not of a pre-crop.
+  for t, jpeg in enumerate(jpegs):  # Each global crop is its frame cut with its own box.
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    for g, key in enumerate(("frames", "second_frames")):
+      left, top, w, h = boxes[t, g]
+      expected = np.asarray(image.resize((32, 32), Image.BILINEAR,
+                                         box=(left, top, left + w, top + h)))
+      if out["global_flips"][t, g]:
+        expected = expected[:, ::-1]
+      np.testing.assert_array_equal(out[key][t], expected)
+  assert not np.array_equal(out["frames"], out["second_frames"])
+  flips = views.clip_views(jpegs * 8, (H, W), np.random.default_rng(9), DINO,
+                           return_boxes=True)["global_flips"]
+  assert flips.any() and not flips.all()  # Drawn per crop, not once per clip.
+
+
+def test_dino_second_global_crop_is_solarised_and_only_it():
+  jpegs = _frames()
+  plain = views.clip_views(jpegs, (H, W), np.random.default_rng(10),
+                           dataclasses.replace(DINO, second_global_solarize_prob=0.0))
+  solar = views.clip_views(jpegs, (H, W), np.random.default_rng(10),
+                           dataclasses.replace(DINO, second_global_solarize_prob=1.0))
+  np.testing.assert_array_equal(solar["frames"], plain["frames"])
+  np.testing.assert_array_equal(solar["crops"], plain["crops"])
+  # PIL's solarize (DINO's): every level >= 128 inverted, the others kept.
+  expected = np.where(plain["second_frames"] >= 128, 255 - plain["second_frames"],
+                      plain["second_frames"])
+  np.testing.assert_array_equal(solar["second_frames"], expected)
+  assert np.any(plain["second_frames"] >= 128)
+
+
+def test_dino_blur_probabilities_apply_per_global_crop():
+  jpegs = _frames()
+  sharp = views.clip_views(jpegs, (H, W), np.random.default_rng(11), DINO)
+  first = views.clip_views(jpegs, (H, W), np.random.default_rng(11),
+                           dataclasses.replace(DINO, global_blur_prob=1.0))
+  second = views.clip_views(jpegs, (H, W), np.random.default_rng(11),
+                            dataclasses.replace(DINO, second_global_blur_prob=1.0))
+  np.testing.assert_array_equal(first["second_frames"], sharp["second_frames"])
+  np.testing.assert_array_equal(second["frames"], sharp["frames"])
+  for blurred, key in ((first, "frames"), (second, "second_frames")):
+    assert not np.array_equal(blurred[key], sharp[key])
+    # Blur lowers the local contrast: smaller differences between neighbouring pixels.
+    step = lambda x: np.abs(np.diff(x.astype(int), axis=2)).mean()
+    assert step(blurred[key]) < step(sharp[key])

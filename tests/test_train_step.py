@@ -1,13 +1,17 @@
-"""The jitted DoRA update on a tiny model: it learns, the teacher is an EMA, it is deterministic."""
+"""The jitted DoRA (and DINO) update on a tiny model: it learns, the teacher is an EMA, it is
+deterministic; DINO's loss pairs different views."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from conftest import make_tiny_config
 from dora_jax import optim
 from dora_jax import schedules
 from dora_jax import train_step
+from dora_jax.models import vit
 
 STEPS_PER_EPOCH = 10
 TOTAL_STEPS = 100
@@ -30,12 +34,16 @@ def tiny_config(**dora):
   return config
 
 
-def tiny_batch(seed=0, batch=2, frames=2, crops=2):
+def tiny_batch(seed=0, batch=2, frames=2, crops=2, second_frames=False):
   rng = np.random.default_rng(seed)
-  return {
+  out = {
       "frames": jnp.asarray(rng.integers(0, 256, (batch, frames, 32, 32, 3)), jnp.uint8),
       "crops": jnp.asarray(rng.integers(0, 256, (batch, frames, crops, 16, 16, 3)), jnp.uint8),
   }
+  if second_frames:  # DINO's second global crops.
+    out["second_frames"] = jnp.asarray(rng.integers(0, 256, (batch, frames, 32, 32, 3)),
+                                       jnp.uint8)
+  return out
 
 
 def setup(config):
@@ -98,13 +106,14 @@ def test_same_key_and_batch_give_bit_identical_results(dora_run):
   assert float(other_metrics["loss"]) != float(first_metrics["loss"])
 
 
-def test_no_gradient_reaches_the_teacher(dora_run):
-  config, graphdef, state, _ = dora_run
-  batch = tiny_batch(3)
+@pytest.mark.parametrize("run", ["dora_run", "dino_run"])
+def test_no_gradient_reaches_the_teacher(run, request):
+  config, graphdef, state, _ = request.getfixturevalue(run)
+  batch = tiny_batch(3, frames=1, second_frames=True) if run == "dino_run" else tiny_batch(3)
 
   def loss_of(params, teacher_params):
-    loss, _ = train_step.compute_loss(config, train_step.dora_options(config), graphdef, params, teacher_params,
-                                      state["constants"], state["center"], batch,
+    loss, _ = train_step.compute_loss(config, train_step.dora_options(config), graphdef, params,
+                                      teacher_params, state["constants"], state["center"], batch,
                                       jnp.float32(0.04), jax.random.PRNGKey(5))
     return loss
 
@@ -155,11 +164,71 @@ def test_no_weight_decay_on_one_dimensional_parameters():
       assert np.all(update == 0)
 
 
-def test_dino_baseline_runs_without_masking():
-  _, state, step = setup(tiny_config(enabled=False))
-  _, metrics = step(state, tiny_batch(5))
-  assert np.isfinite(float(metrics["loss"]))
-  assert float(metrics["masked_area"]) == 0.0
+def dino_config():
+  """DINO on frames as images: two global crops per frame; no drop path, so that at step 0 the
+  student equals the teacher and the loss can be computed by hand."""
+  config = tiny_config(enabled=False)
+  config.model.drop_path_rate = 0.0
+  config.data.frames_per_clip = 1
+  config.data.global_crops_per_frame = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def dino_run():
+  config = dino_config()
+  graphdef, state, step = setup(config)
+  return config, graphdef, state, step
+
+
+def test_dino_loss_falls_on_a_fixed_batch(dino_run):
+  _, _, state, step = dino_run
+  batch = tiny_batch(5, frames=1, second_frames=True)
+  values, kls = [], []
+  for _ in range(30):
+    state, metrics = step(state, batch)
+    values.append(float(metrics["loss"]))
+    kls.append(float(metrics["kl"]))
+  assert np.all(np.isfinite(values))
+  assert np.mean(values[-5:]) < 0.8 * values[0], values
+  assert min(kls) > -1e-4 and np.mean(kls[-5:]) < 0.5 * kls[0], kls
+  assert float(metrics["masked_area"]) == 0.0 and float(metrics["object_overlap"]) == 0.0
+
+
+def test_dino_loss_is_dinos_pairing_of_the_models_outputs(dino_run):
+  config, graphdef, state, _ = dino_run
+  batch = tiny_batch(6, frames=1, second_frames=True)
+  center = jnp.asarray(np.random.default_rng(0).normal(size=config.model.out_dim), jnp.float32)
+  loss, aux = jax.jit(lambda: train_step.compute_loss(
+      config, None, graphdef, state["student"], state["teacher"], state["constants"], center,
+      batch, jnp.float32(0.04), jax.random.PRNGKey(0)))()
+
+  @jax.jit
+  def head_logits(images):  # The teacher (= the student at step 0) on each view by itself.
+    model = nnx.merge(graphdef, state["teacher"], state["constants"])
+    return model(vit.normalize_images(images.reshape((-1,) + images.shape[-3:])))[0]
+
+  teacher = [np.asarray(head_logits(batch[k]), np.float64) for k in ("frames", "second_frames")]
+  crops = np.asarray(head_logits(batch["crops"]), np.float64).reshape(2, 2, -1)  # (B, M, K)
+  # The centre averages the teacher's outputs on both global crops (test_losses checks the mean).
+  np.testing.assert_allclose(np.asarray(aux["teacher_logits"]),
+                             np.stack(teacher, 1)[:, None], rtol=1e-4, atol=1e-5)
+  student = teacher + [crops[:, 0], crops[:, 1]]  # Views: global 0, global 1, local 0, local 1.
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  targets = [softmax((t - np.asarray(center)) / 0.04) for t in teacher]
+  pairs = [np.mean(-np.sum(targets[i] * np.log(softmax(student[j] / 0.1)), -1))
+           for i in range(2) for j in range(4) if j != i]
+  np.testing.assert_allclose(float(loss), np.mean(pairs), rtol=1e-4)
+
+
+def test_dora_step_refuses_dinos_second_crops(dora_run):
+  _, _, state, step = dora_run
+  with pytest.raises(ValueError, match="second_frames"):
+    step(state, tiny_batch(5, second_frames=True))
 
 
 def test_keep_mode_with_bfloat16_matmuls():

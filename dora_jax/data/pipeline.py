@@ -77,15 +77,22 @@ def plan_clips(data_config: Any) -> ClipPlan:
         f"{index.span} stored frames, but the longest video in '{data_dir}' ('{longest['id']}') "
         f"has {longest['num_frames']}; lower data.frames_per_clip or data.frame_stride")
   smallest = min(videos, key=lambda v: min(v["height"], v["width"]))
-  if data_config.global_pre_size > min(smallest["height"], smallest["width"]):
+  pre_size = data_config.global_pre_size
+  if not isinstance(pre_size, (int, np.integer)) or pre_size < 0:
+    raise ValueError(f"data.global_pre_size must be an integer >= 0 (0: no pre-crop), got "
+                     f"{pre_size!r}")
+  if pre_size > min(smallest["height"], smallest["width"]):
     raise ValueError(
-        f"data.global_pre_size={data_config.global_pre_size} is larger than the stored frames "
+        f"data.global_pre_size={pre_size} is larger than the stored frames "
         f"{smallest['width']}x{smallest['height']} (video '{smallest['id']}'); lower it or "
         "re-run dora-convert with a larger --short-side")
   for key in ("global_size", "local_size"):
-    if not 0 < data_config[key] <= data_config.global_pre_size:
+    if data_config[key] <= 0 or (pre_size and data_config[key] > pre_size):
       raise ValueError(f"data.{key}={data_config[key]} must be in (0, data.global_pre_size="
-                       f"{data_config.global_pre_size}]")
+                       f"{pre_size}] (any size > 0 when global_pre_size is 0)")
+  if data_config.global_crops_per_frame not in (1, 2):
+    raise ValueError(f"data.global_crops_per_frame={data_config.global_crops_per_frame!r} must "
+                     "be 1 (DoRA: one crop per clip) or 2 (DINO: two crops per frame)")
   if data_config.num_local_crops < 0:
     raise ValueError(f"data.num_local_crops must be >= 0, got {data_config.num_local_crops}")
   for key in ("global_pre_scale", "global_scale", "local_scale"):
@@ -93,7 +100,8 @@ def plan_clips(data_config: Any) -> ClipPlan:
     if not 0 < low <= high <= 1:
       raise ValueError(f"data.{key}={tuple(data_config[key])} must be (low, high) with "
                        "0 < low <= high <= 1")
-  for key in ("flip_prob", "color_jitter_prob", "grayscale_prob", "global_blur_prob",
+  for key in ("flip_prob", "local_flip_prob", "color_jitter_prob", "grayscale_prob",
+              "global_blur_prob", "second_global_blur_prob", "second_global_solarize_prob",
               "local_blur_prob"):
     if not 0 <= data_config[key] <= 1:
       raise ValueError(f"data.{key}={data_config[key]} must be a probability in [0, 1]")
@@ -143,7 +151,8 @@ class HostShare(grain.MapDataset):
 def make_dataset(plan: ClipPlan, data_config: Any, *, seed: int, batch_size: int = 1,
                  process_index: int = 0, process_count: int = 1,
                  with_clip_ids: bool = False) -> grain.MapDataset:
-  """This host's endless MapDataset of clip views (unbatched), {'frames', 'crops'} per clip.
+  """This host's endless MapDataset of clip views (unbatched), {'frames', 'crops'} per clip
+  (and 'second_frames' with two global crops per frame).
 
   `batch_size` is the per-process batch: it sets which clips of the global stream are this
   host's (`HostShare`). With `with_clip_ids` each element also has 'video' and 'frames' (see
@@ -176,8 +185,9 @@ def make_train_iterator(plan: ClipPlan, data_config: Any, *, batch_size: int, se
     seed, process_index, process_count: the global stream and this host's share of it.
 
   Yields {'frames': uint8 (B, T, S, S, 3), 'crops': uint8 (B, T, M, s, s, 3)} with B =
-  batch_size ('crops' absent when data.num_local_crops == 0). The iterator has
-  `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
+  batch_size ('crops' absent when data.num_local_crops == 0), and 'second_frames' uint8
+  (B, T, S, S, 3), DINO's second global crops, when data.global_crops_per_frame == 2. The
+  iterator has `get_state() -> dict` (JSON-serialisable) and `set_state(dict)`.
   """
   dataset = make_dataset(plan, data_config, seed=seed, batch_size=batch_size,
                          process_index=process_index, process_count=process_count)

@@ -9,7 +9,8 @@ order and so occlude each other. Beside the video `NAME.mp4` the generator write
     class_names  str (C,)         the class names
     blank        bool (F,)        frames rendered blank (constant), if any were asked for
 
-Everything is a deterministic function of the arguments (numpy Generator from `seed`).
+Everything is a deterministic function of the arguments (numpy Generator from `seed`), the
+video's bytes included (see the encoder settings in `generate_walking_tour`).
 
 Command line (also makes the shards):
   python -m dora_jax.data.synthetic --out DIR [--num_frames 300 --width 320 --height 180 ...]
@@ -146,8 +147,13 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     stream = container.add_stream(codec, rate=int(round(fps)) if float(fps).is_integer() else fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    # The same arguments give the same bytes (and so the same training data) in every run: one
+    # encoder thread, and libx264 without its assembly (with it, even one thread gave other bytes
+    # from process to process, through the macroblock-tree rate control; the C code costs ~4 s
+    # of CPU for the demo's 300 frames).
+    stream.codec_context.thread_count = 1
     if codec == "libx264":
-      stream.options = {"crf": str(crf)}
+      stream.options = {"crf": str(crf), "x264-params": "asm=0"}
       if gop is not None:
         stream.options["g"] = str(gop)
     for f in range(num_frames):

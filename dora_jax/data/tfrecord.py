@@ -323,7 +323,8 @@ def encode_frame(*, video_id: str, frame_index: int, timestamp: float, jpeg: byt
   feature["image/format"].bytes_list.value.append(b"jpeg")
   feature["image/height"].int64_list.value.append(int(height))
   feature["image/width"].int64_list.value.append(int(width))
-  return example.SerializeToString()
+  # Deterministic: map fields in key order, not in the order of a per-process hash.
+  return example.SerializeToString(deterministic=True)
 
 
 def decode_frame(data: bytes, *, path: str = "?") -> dict[str, Any]:

@@ -1,11 +1,19 @@
 """The views of a clip (docs/DESIGN.md step 1), with numpy/PIL, driven only by the rng grain hands in.
 
-Per clip: one random-resized "pre" crop box (data.global_pre_scale of the frame area, conceptually
-resized to data.global_pre_size), inside it one global box (data.global_scale of the pre-crop) and
-one horizontal flip, the same for all T frames. Per frame: colour jitter (brightness, contrast,
-saturation, hue in random order, as torchvision's ColorJitter), grayscale and Gaussian blur (PIL's,
-as DINO), each with its probability; and M local crops cut from that frame's pre-crop
-(data.local_scale of the pre-crop area), each with its own flip, jitter, grayscale and blur.
+DoRA (data.global_crops_per_frame = 1). Per clip: one random-resized "pre" crop box
+(data.global_pre_scale of the frame area, conceptually resized to data.global_pre_size), inside it
+one global box (data.global_scale of the pre-crop) and one horizontal flip, the same for all T
+frames. Per frame: colour jitter (brightness, contrast, saturation, hue in random order, as
+torchvision's ColorJitter), grayscale and Gaussian blur (PIL's, as DINO), each with its
+probability; and M local crops cut from that frame's pre-crop (data.local_scale of the pre-crop
+area), each with its own flip (data.local_flip_prob), jitter, grayscale and blur.
+
+DINO (data.global_crops_per_frame = 2, as facebookresearch/dino's DataAugmentationDINO): every
+frame is an image with two global crops, each with its own box, flip, jitter and grayscale; the
+first blurred with data.global_blur_prob (DINO: 1.0), the second with
+data.second_global_blur_prob (0.1) and then solarised (PIL's ImageOps.solarize, threshold 128)
+with data.second_global_solarize_prob (0.2). data.global_pre_size = 0 drops the pre-crop: global
+and local boxes are then drawn in the whole stored frame, as DINO's RandomResizedCrop does.
 
 Cost matters (this runs for every clip of every step), so: the two nested crops are composed into
 one box in stored-frame pixels, and every view is a single antialiased resize from the decoded
@@ -23,7 +31,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 
@@ -35,10 +43,12 @@ class ViewConfig:
   global_pre_scale: tuple[float, float] = (0.2, 1.0)
   global_size: int = 224
   global_scale: tuple[float, float] = (0.4, 1.0)
+  global_crops_per_frame: int = 1
   num_local_crops: int = 6
   local_size: int = 112
   local_scale: tuple[float, float] = (0.05, 0.4)
   flip_prob: float = 0.5
+  local_flip_prob: float = 0.0
   color_jitter_prob: float = 0.8
   brightness: float = 0.4
   contrast: float = 0.4
@@ -46,6 +56,8 @@ class ViewConfig:
   hue: float = 0.1
   grayscale_prob: float = 0.2
   global_blur_prob: float = 0.1
+  second_global_blur_prob: float = 0.1
+  second_global_solarize_prob: float = 0.2
   local_blur_prob: float = 0.5
   blur_sigma: tuple[float, float] = (0.1, 2.0)
 
@@ -147,8 +159,8 @@ def jitter_affines(factors: np.ndarray, orders: np.ndarray,
 
 
 def _draw_colour(rng: np.random.Generator, config: ViewConfig, shape: tuple[int, ...],
-                 blur_prob: np.ndarray) -> dict[str, np.ndarray]:
-  """The colour randomness of views of `shape`: whether and how to jitter, gray and blur."""
+                 blur_prob: np.ndarray, solarize_prob: np.ndarray) -> dict[str, np.ndarray]:
+  """The colour randomness of views of `shape`: whether and how to jitter, gray, blur, solarise."""
   factors = np.stack([
       rng.uniform(max(0.0, 1 - config.brightness), 1 + config.brightness, shape),
       rng.uniform(max(0.0, 1 - config.contrast), 1 + config.contrast, shape),
@@ -161,6 +173,7 @@ def _draw_colour(rng: np.random.Generator, config: ViewConfig, shape: tuple[int,
       "gray": rng.uniform(size=shape) < config.grayscale_prob,
       "blur": rng.uniform(size=shape) < blur_prob,
       "sigma": rng.uniform(*config.blur_sigma, shape),
+      "solarize": rng.uniform(size=shape) < solarize_prob,
   }
 
 
@@ -205,47 +218,62 @@ def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
     return_boxes: also return the boxes (stored-frame pixels, (left, top, width, height)).
 
   Returns:
-    'frames': uint8 (T, S, S, 3) global views, S = global_size;
+    'frames': uint8 (T, S, S, 3) global views, S = global_size (DINO: the first global crops);
+    'second_frames': uint8 (T, S, S, 3) DINO's second global crops (only when
+      global_crops_per_frame == 2);
     'crops': uint8 (T, M, s, s, 3) local crops, s = local_size (absent when M == 0);
-    with return_boxes: 'pre_box' (4,), 'global_box' (4,), 'flip' (), 'local_boxes' (T, M, 4),
-    'local_flips' (T, M).
+    with return_boxes: 'pre_box' (4,) (the whole frame without a pre-crop), 'global_boxes'
+    (T, G, 4), 'global_flips' (T, G), 'local_boxes' (T, M, 4), 'local_flips' (T, M).
   """
   height, width = size
   pre_size, num_local = config.global_pre_size, config.num_local_crops
-  pre_box = random_resized_box(rng, width, height, config.global_pre_scale)
-  global_box = compose_box(pre_box, pre_size,
-                           random_resized_box(rng, pre_size, pre_size, config.global_scale))
-  flip = bool(rng.uniform() < config.flip_prob)
-  local_boxes = [[compose_box(pre_box, pre_size,
-                              random_resized_box(rng, pre_size, pre_size, config.local_scale))
-                  for _ in range(num_local)] for _ in jpegs]
-  local_flips = rng.uniform(size=(len(jpegs), num_local)) < config.flip_prob
+  num_global, num_frames = config.global_crops_per_frame, len(jpegs)
+  if pre_size:
+    pre_box = random_resized_box(rng, width, height, config.global_pre_scale)
+    crop_box = lambda scale: compose_box(pre_box, pre_size,
+                                         random_resized_box(rng, pre_size, pre_size, scale))
+  else:  # No pre-crop: boxes in the whole frame, as DINO's RandomResizedCrop.
+    pre_box = (0.0, 0.0, float(width), float(height))
+    crop_box = lambda scale: random_resized_box(rng, width, height, scale)
+  if num_global == 1:  # DoRA: one box and one flip for the whole clip, where objects are tracked.
+    global_boxes = [[crop_box(config.global_scale)]] * num_frames
+    global_flips = np.full((num_frames, 1), rng.uniform() < config.flip_prob)
+  else:  # DINO: every global crop of every frame is drawn on its own.
+    global_boxes = [[crop_box(config.global_scale) for _ in range(num_global)] for _ in jpegs]
+    global_flips = rng.uniform(size=(num_frames, num_global)) < config.flip_prob
+  local_boxes = [[crop_box(config.local_scale) for _ in range(num_local)] for _ in jpegs]
+  local_flips = rng.uniform(size=(num_frames, num_local)) < config.local_flip_prob
   # How much smaller than the stored frame the JPEG may be decoded: every box keeps >= its output.
-  shrink = min(min(global_box[2], global_box[3]) / config.global_size,
+  shrink = min(min(min(b[2], b[3]) for boxes in global_boxes for b in boxes) / config.global_size,
                min((min(b[2], b[3]) for boxes in local_boxes for b in boxes),
                    default=math.inf) / max(config.local_size, 1))
-  num_frames = len(jpegs)
-  # View (t, 0) is frame t's global view, (t, 1 + m) its m-th local crop.
-  blur_prob = np.array([config.global_blur_prob] + [config.local_blur_prob] * num_local)
-  draws = _draw_colour(rng, config, (num_frames, 1 + num_local), blur_prob)
-  flat = {key: value.reshape(num_frames * (1 + num_local), *value.shape[2:])
+  # View (t, g) is frame t's g-th global view, (t, G + m) its m-th local crop.
+  views_per_frame = num_global + num_local
+  blur_prob = np.array([config.global_blur_prob, config.second_global_blur_prob][:num_global]
+                       + [config.local_blur_prob] * num_local)
+  solarize_prob = np.array([0.0, config.second_global_solarize_prob][:num_global]
+                           + [0.0] * num_local)
+  draws = _draw_colour(rng, config, (num_frames, views_per_frame), blur_prob, solarize_prob)
+  flat = {key: value.reshape(num_frames * views_per_frame, *value.shape[2:])
           for key, value in draws.items()}
   resized = []
-  for jpeg, boxes in zip(jpegs, local_boxes):
+  for jpeg, global_t, local_t in zip(jpegs, global_boxes, local_boxes):
     if isinstance(jpeg, Image.Image):  # Already decoded (the benchmark's reference path).
       image, factor = jpeg, 1.0
     else:
       image, factor = _decode(jpeg, size, shrink)
-    resized.append(_view(image, global_box, factor, config.global_size))
-    resized.extend(_view(image, box, factor, config.local_size) for box in boxes)
+    resized.extend(_view(image, box, factor, config.global_size) for box in global_t)
+    resized.extend(_view(image, box, factor, config.local_size) for box in local_t)
   touched = flat["jitter"] | flat["gray"]
   means = np.array([_mean_rgb(v) if j else (0, 0, 0) for v, j in zip(resized, flat["jitter"])],
                    np.float64)
   affines = color_affines(flat, means)
-  frames = np.empty((num_frames, config.global_size, config.global_size, 3), np.uint8)
+  global_views = [np.empty((num_frames, config.global_size, config.global_size, 3), np.uint8)
+                  for _ in range(num_global)]
   crops = np.empty((num_frames, num_local, config.local_size, config.local_size, 3), np.uint8)
-  flips = np.concatenate([np.full((num_frames, 1), flip), local_flips], axis=1).reshape(-1)
+  flips = np.concatenate([global_flips, local_flips], axis=1).reshape(-1)
   gray, blur, sigma = flat["gray"].tolist(), flat["blur"].tolist(), flat["sigma"].tolist()
+  solarize = flat["solarize"].tolist()
   for index, view in enumerate(resized):
     if gray[index]:
       # The three rows of a grayscale view's affine are equal, so its one channel is computed
@@ -256,22 +284,28 @@ def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
       view = view.convert("RGB", tuple(affines[index].reshape(-1).tolist()))
     if blur[index]:
       view = view.filter(ImageFilter.GaussianBlur(radius=sigma[index]))
+    if solarize[index]:  # After the blur, as DINO; per pixel, so it commutes with the flip.
+      view = ImageOps.solarize(view)
     if flips[index]:  # Last: colour ops and the (symmetric) blur commute with it.
       view = view.transpose(Image.FLIP_LEFT_RIGHT)  # Much cheaper than a reversed numpy copy.
-    t, slot = divmod(index, 1 + num_local)
-    target = frames[t] if slot == 0 else crops[t, slot - 1]
+    t, slot = divmod(index, views_per_frame)
+    target = global_views[slot][t] if slot < num_global else crops[t, slot - num_global]
     pixels = np.asarray(view)
     if gray[index]:
       for channel in range(3):  # 4x faster than a broadcast pixels[..., None] copy.
         target[..., channel] = pixels
     else:
       target[...] = pixels
-  out = {"frames": frames}
+  out = {"frames": global_views[0]}
+  if num_global == 2:
+    out["second_frames"] = global_views[1]
   if num_local:
     out["crops"] = crops
   if return_boxes:
-    out.update(pre_box=np.array(pre_box), global_box=np.array(global_box), flip=np.array(flip),
-               local_boxes=np.array(local_boxes, np.float64).reshape(len(jpegs), num_local, 4),
+    out.update(pre_box=np.array(pre_box),
+               global_boxes=np.array(global_boxes, np.float64).reshape(num_frames, num_global, 4),
+               global_flips=global_flips,
+               local_boxes=np.array(local_boxes, np.float64).reshape(num_frames, num_local, 4),
                local_flips=local_flips)
   return out
 
