@@ -164,10 +164,8 @@ def schedule_length(config: ml_collections.ConfigDict, num_clips: int) -> tuple[
 
 
 def plan_run(config: ml_collections.ConfigDict, workdir: str) -> RunPlan:
-  """All the checks, in order (config, work folder, data); returns the run's plan."""
+  """The data checks (after `check_config` and `check_workdir`); returns the run's plan."""
   workdir = paths.absolute(workdir)
-  check_config(config)
-  check_workdir(workdir)
   data_config, clips = prepare_data(config, workdir)
   steps_per_epoch, total_steps = schedule_length(config, clips.num_clips)
   return RunPlan(workdir, data_config, clips, steps_per_epoch, total_steps)

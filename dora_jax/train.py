@@ -1,7 +1,8 @@
 """The training loop behind `dora-train`, read top to bottom in banner sections.
 
-  checks      `preflight.plan_run`: config, work folder, data (one-line `ConfigError`s, before
-              anything is written or compiled); the clip plan and the run length.
+  checks      `preflight`: config and work folder, then (the folder locked) the data
+              (one-line `ConfigError`s, before anything is written or compiled); the clip plan
+              and the run length.
   mesh        the ('data', 'fsdp') mesh, the state's shapes (`jax.eval_shape`), its shardings.
   update      the train step of `train_step.py`, jitted with those shardings, state donated.
   checkpoint  restore the newest intact checkpoint of the work folder (state + data position; a
@@ -53,13 +54,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
     checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
+  # ---- Checks: nothing is written or compiled before they pass; then the folder is ours. ----
+  workdir = paths.absolute(workdir)
+  preflight.check_config(config)
+  preflight.check_workdir(workdir)
   with workdir_lock.run_lock(workdir, command="dora-train"):
     return _train_locked(config, workdir)
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  # ---- Checks: nothing is written or compiled before they pass. ----
-  plan = preflight.plan_run(config, workdir)
+  plan = preflight.plan_run(config, workdir)  # The data: checked, made (the demo's), planned.
   workdir, total_steps = plan.workdir, plan.total_steps
   is_primary = jax.process_index() == 0
 

@@ -25,6 +25,8 @@ import uuid
 
 from absl import logging
 
+from dora_jax import paths
+
 LOCK_FILE = "dora.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0
@@ -247,6 +249,11 @@ def run_lock(workdir: str, *, command: str):
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  if paths.is_remote(workdir):
+    # Cloud storage has no exclusive create through epath: the user keeps one run per folder.
+    logging.warning("--workdir %s is a cloud URL: it is not locked against a second run.", workdir)
+    yield
+    return
   if jax.process_count() == 1:
     with WorkdirLock(workdir, command=command):
       yield

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dora_jax import checkpoints
+from dora_jax import pretrained
 from dora_jax import sharding
 from test_train import DEMO_CONFIG, ROOT, _dora_train, _flags
 from test_train import data_dir  # pylint: disable=unused-import  (a fixture)
@@ -326,7 +327,7 @@ def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp
   # load_backbone: a damaged teacher is an error, never NaN features.
   _flip_bits_everywhere(os.path.join(copy, checkpoints.CHECKPOINT_DIR, "8"))
   with pytest.raises(checkpoints.CheckpointDamagedError) as error:
-    checkpoints.load_backbone(copy)
+    pretrained.load_backbone(copy)
   assert str(error.value).startswith(
       f"checkpoint 8 in {copy}/{checkpoints.CHECKPOINT_DIR} is damaged: ")
   assert "\n" not in str(error.value)

@@ -14,7 +14,7 @@ import pytest
 
 from dora_jax import checkpoints
 from dora_jax import main
-from dora_jax import train
+from dora_jax import preflight
 from dora_jax import workdir_lock
 from test_checkpoints import env  # pylint: disable=unused-import  (a fixture)
 from test_train import DEMO_CONFIG, ROOT, _config, _flags
@@ -64,8 +64,8 @@ def test_unreadable_config_file(config_file, env, tmp_path, text, expected):
 
 def test_batch_size_zero_asks_for_a_positive_multiple(data_dir):
   config = _config(data_dir, batch_size=0)
-  with pytest.raises(train.ConfigError) as error:
-    train.check_config(config)
+  with pytest.raises(preflight.ConfigError) as error:
+    preflight.check_config(config)
   assert str(error.value) == ("config batch_size=0: must be a positive multiple of the 4 devices "
                               "(e.g. --config.batch_size=4).")
 

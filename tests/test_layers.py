@@ -17,7 +17,7 @@ LAYERS = {
         "dora_jax.sharding", "dora_jax.metrics", "dora_jax.config_base", "dora_jax.data",
         "dora_jax.optim", "dora_jax.paths",
         "dora_jax.models"),
-    1: ("dora_jax.objects", "dora_jax.checkpoints"),
+    1: ("dora_jax.objects", "dora_jax.checkpoints", "dora_jax.workdir_lock"),
     2: ("dora_jax.train_step",),
     3: ("dora_jax.pretrained", "dora_jax.preflight", "dora_jax.evaluation"),
     4: ("dora_jax.train",),
