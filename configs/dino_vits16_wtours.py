@@ -20,14 +20,5 @@ from dora_jax import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = config_base.apply_wtours_args(config_base.get_base_config(), arg)
-  c.dora.enabled = False
-  c.data.frames_per_clip = 1  # Frames as images.
-  c.data.frame_stride = 1
-  c.data.global_pre_size = 0  # Crops of the whole frame.
-  c.data.global_crops_per_frame = 2
-  c.data.global_blur_prob = 1.0
-  c.data.second_global_blur_prob = 0.1
-  c.data.second_global_solarize_prob = 0.2
-  c.data.local_flip_prob = 0.5
-  return c
+  return config_base.dino_baseline(
+      config_base.apply_wtours_args(config_base.get_base_config(), arg))

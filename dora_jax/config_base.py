@@ -167,6 +167,22 @@ def apply_wtours_args(c: ml_collections.ConfigDict, arg: str | None) -> ml_colle
   return c
 
 
+def dino_baseline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The DINO baseline of a DoRA config: frames as images, two global crops of the whole frame
+  (DINO's DataAugmentationDINO: blur 1.0 on the first, blur 0.1 and solarisation 0.2 on the
+  second), flipped local crops, the loss over pairs of different views; all else unchanged."""
+  c.dora.enabled = False
+  c.data.frames_per_clip = 1  # Frames as images.
+  c.data.frame_stride = 1
+  c.data.global_pre_size = 0  # Crops of the whole frame.
+  c.data.global_crops_per_frame = 2
+  c.data.global_blur_prob = 1.0
+  c.data.second_global_blur_prob = 0.1
+  c.data.second_global_solarize_prob = 0.2
+  c.data.local_flip_prob = 0.5
+  return c
+
+
 def shrink_for_cpu(c: ml_collections.ConfigDict, *, image_size: int = 64, width: int = 64,
                    depth: int = 4, num_heads: int = 4) -> ml_collections.ConfigDict:
   """Tiny shapes for CPU smoke runs, the demo and the tests; the recipe otherwise unchanged.
