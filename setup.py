@@ -28,15 +28,18 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # tensorflow-cpu: the interop test reads/writes shards with tf.data.
-        "test": ["pytest>=7", "tensorflow-cpu>=2.15"],
-        # Only to read public DINO/DoRA .pth files (CPU build; see README).
-        "torch": ["torch"],
+        # tensorflow-cpu: the interop test reads/writes shards with tf.data. torch: the .pth
+        # import/export tests (the pinned version resolves to a CPU wheel where one is offered).
+        "test": ["pytest>=7", "tensorflow-cpu>=2.15", "torch==2.13.0"],
+        # Only to read and write PyTorch .pth files (dora-export); a CPU build is enough.
+        "torch": ["torch==2.13.0"],
     },
     entry_points={
         "console_scripts": [
             "dora-convert=dora_jax.data.convert:main",
             "dora-train=dora_jax.main:main",
+            "dora-export=dora_jax.export_main:main",
+            "dora-finetune=dora_jax.finetune.main:main",
         ],
     },
 )

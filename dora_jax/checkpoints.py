@@ -19,6 +19,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from dora_jax import export
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
@@ -218,8 +220,8 @@ def load_backbone(path: str):
   The teacher (the EMA of the student) is the encoder DINO and DoRA evaluate and release.
 
   Args:
-    path: a `dora-train` work folder (its latest checkpoint is used) or one of its
-      `checkpoints/STEP` folders.
+    path: a `dora-train` work folder (its latest checkpoint is used), one of its
+      `checkpoints/STEP` folders, or a folder written by `dora-export`.
 
   Returns:
     A `dora_jax.models.vit` VisionTransformer: called on float32 normalised images (B, H, W, 3),
@@ -229,7 +231,10 @@ def load_backbone(path: str):
   Raises:
     FileNotFoundError: `path` is not a work folder or has no checkpoint; nothing falls back to
       other weights.
+    export.ExportError: an exported folder whose description or parameters are broken.
   """
+  if export.is_exported(path):
+    return export.load_exported(path)
   workdir, checkpoint_dir, step = _resolve_run(path)
   from dora_jax import train  # Late import: train imports this module.
   from dora_jax import train_step
