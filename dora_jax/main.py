@@ -29,6 +29,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", os.environ.get("DORA_DISTRIBUTED", "") not in ("", "0", "false"),
     "Call jax.distributed.initialize() first (multi-host runs); default from $DORA_DISTRIBUTED.")
 flags.mark_flags_as_required(["config", "workdir"])
+# dora-finetune parses the same flags: it sets these to name itself and its config keys.
+PROGRAM = "dora-train"
+CONFIG_KEYS_FILE = "dora_jax/config_base.py"
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -39,7 +42,7 @@ class _QuietLibraries(logging_std.Filter):
 
 
 def _fail(message: str, code: int) -> None:
-  print(f"dora-train: error: {message}", file=sys.stderr)
+  print(f"{PROGRAM}: error: {message}", file=sys.stderr)
   sys.exit(code)
 
 
@@ -64,7 +67,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     culprits = [arg.split("=")[0] for arg in argv if arg.startswith("--config.") and key in arg]
     hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
     _fail(f"unknown config key {key!r} in {', '.join(culprits) or 'the --config overrides'}"
-          f"{hint}; see dora_jax/config_base.py for the keys.", 2)
+          f"{hint}; see {CONFIG_KEYS_FILE} for the keys.", 2)
   except ValueError as e:  # From the config file's get_config(arg), e.g. an unknown argument.
     _fail(str(e).strip().splitlines()[0], 2)
   return []
