@@ -74,10 +74,15 @@ def check_new_folder(out_dir: str) -> str:
 def temporary_sibling(path: str, *, folder: bool) -> str:
   """A fresh temporary file or folder next to `path`, renamed onto it once complete."""
   parent, name = os.path.split(os.path.abspath(path))
+  umask = os.umask(0)
+  os.umask(umask)
   if folder:
-    return tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-  handle, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
-  os.close(handle)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+  else:
+    handle, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    os.close(handle)
+  # tempfile makes them private (0700 / 0600); the result gets the usual permissions.
+  os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)
   return tmp
 
 

@@ -26,6 +26,8 @@ import shutil
 import sys
 from typing import Sequence
 
+from absl import logging
+
 from dora_jax import export
 from dora_jax import torch_checkpoint
 from dora_jax.models import vit
@@ -156,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
+  # orbax warns about every item it is not asked to restore; errors are still shown.
+  logging.set_verbosity(logging.ERROR)
   sizes = {key: getattr(args, key) for key in ("dim", "depth", "num_heads", "patch_size")
            if getattr(args, key) is not None}
   try:

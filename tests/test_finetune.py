@@ -4,8 +4,10 @@ against NumPy float64, the image sources and views, the demo's crops, one-line e
 The runs train a tiny exported ViT (dim 32, depth 2, 4-px patches) on 16-px views of a small
 image folder the test makes (three colour classes), for 12 steps of 8 images over 4 fake devices.
 """
+import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -399,3 +401,57 @@ def test_command_line_error(backbone, tmp_path):
   lines = process.stderr.strip().splitlines()
   assert lines[-1].startswith("dora-finetune: error: unknown config key 'base_lrr'"), lines
   assert "dora_jax/finetune/config_base.py" in lines[-1]
+
+
+# ---- Configs. ----
+
+
+def _flat_keys(config, prefix=""):
+  keys = set()
+  for key, value in config.items():
+    keys |= _flat_keys(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key}
+  return keys
+
+
+@pytest.mark.parametrize("name", ["finetune_linear", "finetune_full", "finetune_demo"])
+def test_configs_document_their_command_and_use_base_keys(name):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert f"dora-finetune --config configs/{name}.py" in module.__doc__
+  base = _flat_keys(config_base.get_base_config())
+  assert _flat_keys(module.get_config()) == base
+  with pytest.raises(ValueError, match="unknown config argument 'bogus'"):
+    module.get_config("bogus=1")
+  if name == "finetune_demo":
+    assert module.get_config("full").mode == "full"
+    assert module.get_config().backbone.path == "workdirs/demo"
+
+
+def test_every_base_key_has_a_comment():
+  source = open(os.path.join(ROOT, "dora_jax", "finetune", "config_base.py")).read()
+  for key in _flat_keys(config_base.get_base_config()):
+    line = re.search(rf"^\s*c\.{re.escape(key)} = .*$", source, re.MULTILINE)
+    assert line and "#" in line.group(0), f"base key {key} has no one-line comment"
+
+
+@pytest.mark.skipif(not os.environ.get("DORA_SLOW_TESTS"),
+                    reason="the demo pretraining and fine-tuning take ~8 minutes; set DORA_SLOW_TESTS=1")
+def test_demo_commands(tmp_path):
+  """The README's demo: dora-train's demo backbone, then configs/finetune_demo.py (both probes
+  well above the 1/3 of chance, and the comparison written)."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.pop("XLA_FLAGS", None)  # One CPU device, as on a laptop.
+  pretrain = str(tmp_path / "demo")
+  for module, config, workdir in (
+      ("dora_jax.main", "configs/demo.py", pretrain),
+      ("dora_jax.finetune.main", f"configs/finetune_demo.py:backbone={pretrain}",
+       str(tmp_path / "finetune"))):
+    process = subprocess.run([sys.executable, "-m", module, "--config", config, "--workdir",
+                              workdir], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=1800)
+    assert process.returncode == 0, process.stderr[-3000:]
+  comparison = json.load(open(tmp_path / "finetune" / train.COMPARISON_FILE))
+  assert set(comparison) == {"pretrained", "random"}
+  assert all(result["val_accuracy"] > 0.5 for result in comparison.values())
