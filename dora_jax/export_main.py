@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import shutil
 import sys
 from typing import Sequence
-
-from absl import logging
 
 from dora_jax import export
 from dora_jax import torch_checkpoint
@@ -155,11 +154,7 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = _parser()
-  args = parser.parse_args(argv)
-  # orbax warns about every item it is not asked to restore; errors are still shown.
-  logging.set_verbosity(logging.ERROR)
+def _run(args: argparse.Namespace) -> int:
   sizes = {key: getattr(args, key) for key in ("dim", "depth", "num_heads", "patch_size")
            if getattr(args, key) is not None}
   try:
@@ -186,6 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"-px training images)" + (f" and {os.path.abspath(args.torch_out)}"
                                    if args.torch_out else ""))
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  # orbax warns (through absl) about every item it is not asked to restore; errors still show.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    return _run(args)
+  finally:
+    absl_logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _config(images, backbone, mode, **overrides):
   c.log_every_steps = 1
   c.linear.num_last_blocks = 2
   c.linear.avgpool = True
-  c.optim.base_lr = 2.0 if mode == "linear" else 0.06
+  c.optim.base_lr = 2.0 if mode == "linear" else 0.5
   c.optim.warmup_epochs = 0 if mode == "linear" else 0.5
   c.optim.weight_decay = 0.0 if mode == "linear" else 0.05
   for key, value in overrides.items():
