@@ -128,7 +128,8 @@ def layer_scale(path, depth: int, layer_decay: float) -> float:
 
 def decays(path, param) -> bool:
   """Weight decay on weight matrices only (not biases, norms, [CLS], position embeddings)."""
-  return param.ndim > 1 and _names(path)[-1] not in NO_DECAY_NAMES
+  # Anywhere in the path: nnx.State paths end in the Variable's 'value'.
+  return param.ndim > 1 and not set(_names(path)) & set(NO_DECAY_NAMES)
 
 
 def _scale_by_layer(depth: int, layer_decay: float) -> optax.GradientTransformation:
