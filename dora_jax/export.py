@@ -94,7 +94,7 @@ def write_exported(backbone: vit.VisionTransformer, directory: str,
   `save_exported`). Returns the description written.
   """
   description = describe(backbone, source)
-  params = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
+  params = nnx.to_pure_dict(nnx.state(backbone))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
   checkpointer.wait_until_finished()

@@ -141,9 +141,9 @@ def _without_timing(rows):
   return [{k: v for k, v in row.items() if k != "images_per_second"} for row in rows]
 
 
-@pytest.mark.parametrize("mode", ["linear", "full"])
-def test_run_learns_and_resumes_exactly(images, backbone, mode, tmp_path, monkeypatch):
-  config = _config(images, backbone, mode)
+@pytest.mark.parametrize("mode,init", [("linear", "pretrained"), ("full", "random")])
+def test_run_learns_and_resumes_exactly(images, backbone, mode, init, tmp_path, monkeypatch):
+  config = _config(images, backbone, mode, backbone__init=init)
   straight = str(tmp_path / "straight")
   results = train.run(config, straight)
   assert results["steps"] == TOTAL_STEPS and results["val_accuracy"] is not None
@@ -182,10 +182,14 @@ def test_run_learns_and_resumes_exactly(images, backbone, mode, tmp_path, monkey
     np.testing.assert_array_equal(a, b)  # Bitwise.
   assert _without_timing(metrics.read_metrics(straight)) == _without_timing(
       metrics.read_metrics(resumed))
-  # The linear probe leaves the backbone as it was; fine-tuning changes every block.
+  # The linear probe leaves the backbone as it was; fine-tuning changes every parameter.
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state_a["backbone"]),
                                                       jax.tree.leaves(initial))]
   assert (not any(changed)) if mode == "linear" else all(changed)
+  # The run started from the exported weights, or from a fresh ViT of the same shape.
+  exported = jax.tree.leaves(nnx.state(checkpoints.load_backbone(backbone)))
+  same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), exported)]
+  assert len(same) == len(exported) and (all(same) if init == "pretrained" else not any(same))
 
 
 # ---- The optimisers against NumPy float64. ----
