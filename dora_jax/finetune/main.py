@@ -9,7 +9,6 @@ Running the same command again in the same work folder resumes from its latest c
 flags and their one-line errors are dora-train's (`dora_jax.main`), under this program's name.
 """
 import os
-import sys
 
 from absl import app
 from absl import logging

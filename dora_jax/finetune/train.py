@@ -32,7 +32,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from dora_jax import checkpoints as checkpoints_lib
