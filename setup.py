@@ -29,16 +29,20 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # tensorflow-cpu: the interop test reads/writes shards with tf.data; hypothesis: the
-        # TFRecord reader's fuzz test; psutil: the test that no input worker outlives the trainer.
-        "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5", "portpicker"],
-        # Only to read public DINO/DoRA .pth files (CPU build; see README).
-        "torch": ["torch"],
+        # TFRecord reader's fuzz test; psutil: the test that no input worker outlives the trainer;
+        # torch: the .pth import/export tests (this pin resolves to a CPU wheel where offered).
+        "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5", "portpicker",
+                 "torch==2.13.0"],
+        # Only to read and write PyTorch .pth files (dora-export); a CPU build is enough.
+        "torch": ["torch==2.13.0"],
     },
     entry_points={
         "console_scripts": [
             "dora-convert=dora_jax.data.convert:main",
             "dora-train=dora_jax.main:main",
             "dora-eval=dora_jax.eval_main:main",
+            "dora-export=dora_jax.export_main:main",
+            "dora-finetune=dora_jax.finetune.main:main",
         ],
     },
 )

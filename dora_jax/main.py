@@ -43,6 +43,9 @@ _VERBOSE = flags.DEFINE_bool(
     "verbose", os.environ.get("DORA_DEBUG", "") not in ("", "0", "false"),
     "On failure print the full traceback, and the errors libraries log; default from $DORA_DEBUG.")
 flags.mark_flags_as_required(["config", "workdir"])
+# dora-finetune parses the same flags: it sets these to name itself and its config keys.
+PROGRAM = "dora-train"
+CONFIG_KEYS_FILE = "dora_jax/config_base.py"
 
 LOG_FILE = "dora-train.log"  # In the work folder: the tracebacks of unexpected failures.
 
@@ -129,7 +132,7 @@ def _write_log(error: BaseException | None) -> str | None:
 
 
 def _fail(message: str, code: int) -> None:
-  print(f"dora-train: error: {message}", file=sys.stderr)
+  print(f"{PROGRAM}: error: {message}", file=sys.stderr)
   sys.exit(code)
 
 
@@ -205,7 +208,7 @@ def _parse_error(error: Exception, argv: list[str]) -> str:
     culprits = [arg.split("=")[0] for arg in argv if arg.startswith("--config.") and key in arg]
     hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
     return (f"unknown config key {key!r} in {', '.join(culprits) or 'the --config overrides'}"
-            f"{hint}; see dora_jax/config_base.py for the keys.")
+            f"{hint}; see {CONFIG_KEYS_FILE} for the keys.")
   if isinstance(error, ValueError):  # From get_config(arg), e.g. an unknown argument.
     return lines[0]
   return type(error).__name__ + (f": {lines[0]}" if lines else "")

@@ -11,6 +11,7 @@ from flax import nnx
 import orbax.checkpoint as ocp
 
 from dora_jax import checkpoints
+from dora_jax import export
 from dora_jax import paths
 from dora_jax import train_step
 
@@ -41,8 +42,8 @@ def load_backbone(path: str):
   The teacher (the EMA of the student) is the encoder DINO and DoRA evaluate and release.
 
   Args:
-    path: a `dora-train` work folder (its latest checkpoint is used) or one of its
-      `checkpoints/STEP` folders.
+    path: a `dora-train` work folder (its latest checkpoint is used), one of its
+      `checkpoints/STEP` folders, or a folder written by `dora-export`.
 
   Returns:
     A `dora_jax.models.vit.VisionTransformer`: called on float32 normalised images (B, H, W, 3),
@@ -53,9 +54,12 @@ def load_backbone(path: str):
     FileNotFoundError: `path` is not a work folder or has no checkpoint; nothing falls back to
       other weights.
     checkpoints.CheckpointMismatchError: the checkpoint does not fit the run's config.
+    export.ExportError: an exported folder whose description or parameters are broken.
     checkpoints.CheckpointDamagedError: the checkpoint's teacher is damaged (a file missing or
       unreadable, an array differing from its checksum); never NaN features.
   """
+  if export.is_exported(path):
+    return export.load_exported(path)
   workdir, checkpoint_dir, step = _resolve_run(path)
   config = checkpoints.read_config(workdir)
   manager = checkpoints.open_read_only(checkpoint_dir)

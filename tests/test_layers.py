@@ -13,15 +13,16 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Layer of each module (lower layers never import higher ones). Modules of one layer may import
 # each other as long as there is no cycle.
 LAYERS = {
-    0: ("dora_jax.tracking", "dora_jax.losses", "dora_jax.schedules", "dora_jax.visualize",
+    0: ("dora_jax.export", "dora_jax.torch_checkpoint", "dora_jax.tracking", "dora_jax.losses", "dora_jax.schedules", "dora_jax.visualize",
         "dora_jax.sharding", "dora_jax.metrics", "dora_jax.config_base", "dora_jax.data",
         "dora_jax.optim", "dora_jax.paths",
         "dora_jax.models"),
     1: ("dora_jax.objects", "dora_jax.checkpoints", "dora_jax.workdir_lock"),
     2: ("dora_jax.train_step",),
-    3: ("dora_jax.pretrained", "dora_jax.preflight", "dora_jax.evaluation"),
+    3: ("dora_jax.pretrained", "dora_jax.preflight", "dora_jax.evaluation", "dora_jax.finetune"),
     4: ("dora_jax.train",),
-    5: ("dora_jax.main", "dora_jax.eval_main"),
+    5: ("dora_jax.main", "dora_jax.eval_main", "dora_jax.export_main"),
+    6: ("dora_jax.finetune.main",),  # dora-finetune reuses dora-train's flags and errors.
 }
 # Modules outside the table (command lines added later) sit on top: anything may be below.
 
@@ -66,10 +67,10 @@ def _graph():
 
 
 def _layer(module):
-  for layer, prefixes in LAYERS.items():
-    if any(module == p or module.startswith(p + ".") for p in prefixes):
-      return layer
-  return None
+  """The layer of the longest prefix in LAYERS that names `module` or a package above it."""
+  matches = [(len(p), layer) for layer, prefixes in LAYERS.items() for p in prefixes
+             if module == p or module.startswith(p + ".")]
+  return max(matches)[1] if matches else None
 
 
 def test_there_is_no_import_cycle():

@@ -285,8 +285,8 @@ class VisionTransformer(nnx.Module):
           f"VisionTransformer: images has dtype {images.dtype}; expected {expected} "
           "(normalise uint8 pixels first).")
 
-  def __call__(self, images: jax.Array, *, drop_path_rng: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, *, drop_path_rng: jax.Array | None = None,
+               num_last_blocks: int = 0) -> dict[str, jax.Array]:
     """Runs the ViT.
 
     Args:
@@ -294,13 +294,20 @@ class VisionTransformer(nnx.Module):
         other than `img_size` (local crops, non-square frames) interpolate `pos_embed`.
       drop_path_rng: PRNG key enabling stochastic depth (student); None for a deterministic
         pass (teacher, evaluation).
+      num_last_blocks: n > 0 adds `block_cls`, the [CLS] of the last n blocks (DINO's
+        `get_intermediate_layers`, which the linear evaluation concatenates).
 
     Returns:
       A dict of float32 arrays: `cls` (B, D) and `tokens` (B, N, D), both after the final norm;
       from the last block, `attn` (B, h, N+1, N+1) softmax probabilities and `q`, `k`
-      (B, h, N+1, d), the per-head queries and keys before the 1/sqrt(d) scaling.
+      (B, h, N+1, d), the per-head queries and keys before the 1/sqrt(d) scaling. With
+      `num_last_blocks` n: `block_cls` (B, n, D), the [CLS] output of blocks depth-n .. depth-1,
+      each after the final norm (the last one equals `cls`).
     """
     self._check_images(images)
+    if not 0 <= num_last_blocks <= len(self.blocks):
+      raise ValueError(f"num_last_blocks={num_last_blocks} must be in [0, {len(self.blocks)}], "
+                       "the model's depth.")
     batch, height, width, _ = images.shape
     p = self.size.patch_size
     x = self.patch_embed(images).astype(jnp.float32)  # (B, H/p, W/p, D)
@@ -313,19 +320,38 @@ class VisionTransformer(nnx.Module):
     if drop_path_rng is not None:
       block_rngs = list(jax.random.split(drop_path_rng, len(self.blocks)))
     aux = {}
-    for block, rng in zip(self.blocks, block_rngs):
+    block_cls = []
+    for index, (block, rng) in enumerate(zip(self.blocks, block_rngs)):
       x, aux = block(x, rng)
+      if index >= len(self.blocks) - num_last_blocks:
+        block_cls.append(self.norm(x[:, 0]))
     x = self.norm(x)
-    return {
+    out = {
         "cls": x[:, 0],
         "tokens": x[:, 1:],
         "attn": aux["attn"],
         "q": aux["q"].astype(jnp.float32),
         "k": aux["k"].astype(jnp.float32),
     }
+    if num_last_blocks:
+      out["block_cls"] = jnp.stack(block_cls, axis=1)
+    return out
 
 
 # ---- PyTorch weights (the name mapping is in torch_names.py). ----
+
+
+class WeightMismatchError(ValueError):
+  """`from_torch_state_dict`: the weights' names or shapes differ from the model's.
+
+  Attributes: `missing` and `unexpected` (sorted names), `mismatched` ("name: expected (..),
+  got (..)" strings), for callers that report them their own way.
+  """
+
+  def __init__(self, message: str, *, missing: list[str], unexpected: list[str],
+               mismatched: list[str]):
+    super().__init__(message)
+    self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
 
 
 def to_torch_state_dict(model: VisionTransformer) -> dict[str, np.ndarray]:
@@ -350,8 +376,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "
       the checkpoint's `pos_embed` (e.g. 197 tokens at patch 16 -> 224).
 
   Raises:
-    ValueError: listing every missing and unexpected name and every shape mismatch; nothing is
-      loaded partially.
+    WeightMismatchError (a ValueError): listing every missing and unexpected name and every
+      shape mismatch; nothing is loaded partially.
   """
   weights = torch_names.strip_prefixes(state_dict, torch_names.BACKBONE_PREFIXES)
   head_names = sorted(name for name in weights if name.startswith("head."))
@@ -380,11 +406,12 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], variant: str | None = "
     if weights[name].shape != torch_names.torch_shape(path, shape):
       mismatched.append(f"{name}: expected {torch_names.torch_shape(path, shape)}, got {weights[name].shape}")
   if missing or unexpected or mismatched:
-    raise ValueError(
+    raise WeightMismatchError(
         f"from_torch_state_dict(variant={variant!r}, {kwargs}): the weights do not match the "
         f"model.\n  missing ({len(missing)}): {missing}\n  unexpected ({len(unexpected)}): "
         f"{unexpected}\n  shape mismatches ({len(mismatched)}): {mismatched}\n"
-        "Check the variant (and img_size for pos_embed) against the checkpoint.")
+        "Check the variant (and img_size for pos_embed) against the checkpoint.",
+        missing=missing, unexpected=unexpected, mismatched=mismatched)
 
   loaded = {path: jnp.asarray(torch_names.from_torch_layout(path, weights[name]), jnp.float32)
             for name, (path, _) in expected.items()}

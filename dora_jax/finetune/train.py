@@ -1,0 +1,523 @@
+"""The loop behind `dora-finetune`: a linear probe or full fine-tuning of a trained backbone.
+
+Read top to bottom, `train_and_evaluate` does:
+  1. checks the config, the work folder, the images and the backbone (one-line `ConfigError`s,
+     before anything is written or compiled);
+  2. builds the ('data', 'fsdp') mesh, the state's shapes (`jax.eval_shape`) and its shardings;
+  3. jits the train step (state donated) and the validation step;
+  4. restores the latest checkpoint of the work folder (state + data position) or initialises
+     the state from the backbone (pretrained or random) and a fresh head;
+  5. loops: step, metrics, validation accuracy every `eval_every_epochs`, checkpoints, until
+     `total_steps` or SIGTERM (which saves and returns); a non-finite loss stops the run.
+Then `WORKDIR/results.json` holds the final and best validation accuracy. `run` adds, when
+`compare_random_init` is set, the same recipe from a randomly initialised backbone.
+
+The train state (one pytree, saved whole by orbax):
+  step       int32 scalar, updates done
+  backbone   nnx.State of the ViT's parameters (frozen in the linear probe)
+  head       {"kernel" (F, C), "bias" (C,)}
+  opt_state  the optimiser's state of the trained part (the head, or backbone and head)
+  rng        PRNG key of drop path (folded with the step)
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dora_jax import checkpoints as checkpoints_lib
+from dora_jax import export
+from dora_jax import metrics as metrics_lib
+from dora_jax import models
+from dora_jax import pretrained
+from dora_jax import sharding as sharding_lib
+from dora_jax.finetune import data as data_lib
+from dora_jax.finetune import model as model_lib
+from dora_jax.models import vit
+
+CONFIG_FILE = "finetune_config.json"  # Not config.json: this folder is no dora-train run.
+RESULTS_FILE = "results.json"
+COMPARISON_FILE = "comparison.json"
+DEMO_IMAGES_DIR = "demo_images"
+RANDOM_INIT_DIR = "random_init"
+INITS = ("pretrained", "random")
+
+
+class ConfigError(ValueError):
+  """Bad input found before training starts: a config key, the work folder, images, backbone."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+# ---- 1. Checks (nothing written, nothing compiled). ----
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker."""
+  num_devices = jax.device_count()
+  if config.mode not in model_lib.MODES:
+    raise ConfigError(f"config mode={config.mode!r}: expected one of {model_lib.MODES}.")
+  if config.backbone.init not in INITS:
+    raise ConfigError(f"config backbone.init={config.backbone.init!r}: expected one of {INITS}.")
+  if config.compare_random_init and config.backbone.init != "pretrained":
+    raise ConfigError("config compare_random_init=True compares a pretrained backbone with a "
+                      "random one: it needs backbone.init='pretrained'.")
+  if not config.backbone.path:
+    raise ConfigError("config backbone.path is empty: pass --config.backbone.path=PATH (a "
+                      "dora-train work folder, its checkpoints/STEP, or a dora-export folder).")
+  try:
+    sharding_lib.mesh_shape(config.mesh, num_devices)
+    models.compute_dtype(config.backbone.compute_dtype)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.batch_size < 1 or config.batch_size % num_devices:
+    raise ConfigError(
+        f"config batch_size={config.batch_size} does not divide over the {num_devices} devices: "
+        f"use a multiple of {num_devices}.")
+  if config.batch_size % jax.process_count():
+    raise ConfigError(f"config batch_size={config.batch_size} does not divide over the "
+                      f"{jax.process_count()} processes.")
+  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
+    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
+                      "total_steps > 0, or total_steps=0 and epochs > 0.")
+  checks = (
+      ("linear.num_last_blocks", config.linear.num_last_blocks >= 1, "at least 1"),
+      ("full.layer_decay", 0 < config.full.layer_decay <= 1, "in (0, 1]"),
+      ("full.label_smoothing", 0 <= config.full.label_smoothing < 1, "in [0, 1)"),
+      ("full.drop_path_rate", 0 <= config.full.drop_path_rate < 1, "in [0, 1)"),
+      ("optim.base_lr", config.optim.base_lr > 0, "positive"),
+      ("optim.warmup_epochs", config.optim.warmup_epochs >= 0, "at least 0"),
+      ("data.image_size", config.data.image_size >= 1, "at least 1"),
+      ("data.flip_prob", 0 <= config.data.flip_prob <= 1, "a probability"),
+      ("data.val_crop_fraction", 0 < config.data.val_crop_fraction <= 1, "in (0, 1]"),
+      ("data.crop_scale", 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1,
+       "(low, high) with 0 < low <= high <= 1"),
+      ("data.num_workers", config.data.num_workers >= 0, "at least 0"),
+      ("data.num_threads", config.data.num_threads >= 1, "at least 1"),
+      ("eval_every_epochs", config.eval_every_epochs >= 1, "at least 1"),
+      ("log_every_steps", config.log_every_steps >= 1, "at least 1"),
+      ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, "at least 0"),
+  )
+  for key, ok, expected in checks:
+    if not ok:
+      value = config
+      for part in key.split("."):
+        value = value[part]
+      raise ConfigError(f"config {key}={value!r}: must be {expected}.")
+
+
+def check_workdir(workdir: str) -> None:
+  """The work folder (or, if it does not exist yet, its nearest existing parent) is writable."""
+  if not workdir:
+    raise ConfigError("--workdir is empty: pass the folder for checkpoints and logs.")
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"--workdir {workdir} exists and is not a folder.")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir} is not writable ({existing} is not a writable "
+                      "folder): choose another --workdir or fix its permissions.")
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Opens (making the demo's images if asked) the training and validation sources.
+
+  Returns {"train": source, "val": source, "specs": {"train": str, "val": str}}.
+  """
+  specs = {"train": config.data.train, "val": config.data.val}
+  if config.data.demo:
+    from dora_jax.finetune import demo_data  # pylint: disable=g-import-not-at-top
+
+    # Process 0 first; on a shared work folder the others then find it complete (file lock).
+    root = os.path.join(workdir, DEMO_IMAGES_DIR)
+    if jax.process_index() == 0:
+      specs = demo_data.ensure_demo_images(root)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices("dora_jax finetune demo images")
+      specs = demo_data.ensure_demo_images(root)
+  sources = {}
+  for split, spec in specs.items():
+    if not spec:
+      raise ConfigError(f"config data.{split} is empty: pass an image folder (ROOT/CLASS/IMAGE) "
+                        "or tfds:NAME:SPLIT, or use the demo's images (data.demo=True).")
+    try:
+      sources[split] = data_lib.open_source(spec, config.data.tfds_data_dir)
+    except ValueError as e:
+      raise ConfigError(f"config data.{split}: {e}") from None
+  if sources["train"].class_names != sources["val"].class_names:
+    raise ConfigError(
+        f"data.train ({specs['train']}) has classes {list(sources['train'].class_names)[:8]} but "
+        f"data.val ({specs['val']}) has {list(sources['val'].class_names)[:8]}: they must be the "
+        "same (the labels are their sorted order).")
+  if len(sources["train"]) < config.batch_size:
+    raise ConfigError(f"data.train has {len(sources['train'])} images, fewer than one batch "
+                      f"(batch_size={config.batch_size}): lower batch_size.")
+  return dict(sources, specs=specs)
+
+
+def load_initial_backbone(config: ml_collections.ConfigDict, recipe: model_lib.Recipe
+                          ) -> tuple[nnx.GraphDef, nnx.State, vit.ViTSize]:
+  """(graphdef, parameters, size) of the backbone to start from: backbone.path's weights, or the
+  same ViT freshly initialised from the seed (backbone.init="random"), with the recipe's drop
+  path."""
+  try:
+    loaded = pretrained.load_backbone(config.backbone.path)
+  except (FileNotFoundError, checkpoints_lib.CheckpointMismatchError, export.ExportError) as e:
+    raise ConfigError(f"config backbone.path: {e}") from None
+  dtype = models.compute_dtype(config.backbone.compute_dtype)
+  backbone = model_lib.with_drop_path(loaded, recipe.drop_path_rate, dtype)
+  graphdef, params = nnx.split(backbone)
+  size = loaded.size
+  if config.backbone.init == "random":
+
+    def fresh(rng):
+      return nnx.split(vit.VisionTransformer(
+          None, dim=size.dim, depth=size.depth, num_heads=size.num_heads,
+          patch_size=size.patch_size, img_size=loaded.img_size, dtype=dtype,
+          drop_path_rate=recipe.drop_path_rate, rngs=nnx.Rngs(params=rng)))[1]
+
+    params = jax.jit(fresh)(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+  return graphdef, params, size
+
+
+def make_recipe(config: ml_collections.ConfigDict, *, num_classes: int, steps_per_epoch: int,
+                total_steps: int) -> model_lib.Recipe:
+  linear = config.mode == "linear"
+  return model_lib.Recipe(
+      mode=config.mode,
+      num_classes=num_classes,
+      num_last_blocks=int(config.linear.num_last_blocks) if linear else 1,
+      avgpool=bool(config.linear.avgpool) and linear,
+      peak_lr=float(config.optim.base_lr) * config.batch_size / 256.0,
+      min_lr=float(config.optim.min_lr),
+      warmup_steps=min(int(round(config.optim.warmup_epochs * steps_per_epoch)), total_steps),
+      total_steps=int(total_steps),
+      momentum=float(config.optim.momentum),
+      weight_decay=float(config.optim.weight_decay),
+      layer_decay=float(config.full.layer_decay),
+      label_smoothing=0.0 if linear else float(config.full.label_smoothing),
+      drop_path_rate=0.0 if linear else float(config.full.drop_path_rate),
+  )
+
+
+# ---- 2-3. State, steps. ----
+
+
+def _trainable(recipe: model_lib.Recipe, state: dict[str, Any]) -> Any:
+  if recipe.mode == "linear":
+    return state["head"]
+  return {"backbone": state["backbone"], "head": state["head"]}
+
+
+def init_state(recipe: model_lib.Recipe, optimizer: optax.GradientTransformation,
+               feature_size: int, backbone_params: nnx.State, rng: jax.Array) -> dict[str, Any]:
+  head_rng, step_rng = jax.random.split(rng)
+  state = {"step": jnp.zeros((), jnp.int32), "backbone": backbone_params,
+           "head": model_lib.init_head(head_rng, feature_size, recipe.num_classes),
+           "rng": step_rng}
+  state["opt_state"] = optimizer.init(_trainable(recipe, state))
+  return state
+
+
+def make_train_step(recipe: model_lib.Recipe, graphdef: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation):
+  """`step(state, batch) -> (state, metrics)`; batch {"image" uint8 (B, S, S, 3), "label" (B,)}."""
+  schedule = model_lib.learning_rate(recipe)
+
+  def step(state, batch):
+    images = vit.normalize_images(batch["image"])
+    labels = batch["label"]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, recipe.num_classes),
+                                  recipe.label_smoothing)
+    drop_path_rng = jax.random.fold_in(state["rng"], state["step"])
+
+    if recipe.mode == "linear":  # The frozen backbone runs once, outside the gradient.
+      frozen = jax.lax.stop_gradient(model_lib.features(
+          nnx.merge(graphdef, state["backbone"]), images, recipe))
+
+    def loss_fn(trainable):
+      if recipe.mode == "linear":
+        logits = model_lib.apply_head(trainable, frozen)
+      else:
+        backbone = nnx.merge(graphdef, trainable["backbone"])
+        logits = model_lib.apply_head(trainable["head"], model_lib.features(
+            backbone, images, recipe, drop_path_rng=drop_path_rng))
+      return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+    trainable = _trainable(recipe, state)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new_state = dict(state, step=state["step"] + 1, opt_state=opt_state)
+    if recipe.mode == "linear":
+      new_state["head"] = trainable
+    else:
+      new_state.update(trainable)
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves(trainable):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+               "lr": schedule(state["step"]), "finite": finite}
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(recipe: model_lib.Recipe, graphdef: nnx.GraphDef):
+  """`step(state, batch) -> sums` over a batch {"image", "label", "valid"} (padding has valid 0)."""
+  top_k = min(5, recipe.num_classes)
+
+  def step(state, batch):
+    backbone = nnx.merge(graphdef, state["backbone"])
+    logits = model_lib.apply_head(state["head"], model_lib.features(
+        backbone, vit.normalize_images(batch["image"]), recipe))
+    labels, valid = batch["label"], batch["valid"].astype(jnp.float32)
+    correct = jnp.argmax(logits, -1) == labels
+    in_top_k = jnp.any(jax.lax.top_k(logits, top_k)[1] == labels[:, None], axis=-1)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"correct": jnp.sum(correct * valid), "correct_top5": jnp.sum(in_top_k * valid),
+            "loss": jnp.sum(loss * valid), "count": jnp.sum(valid)}
+
+  return step
+
+
+# ---- 5. Helpers of the loop. ----
+
+
+class _Preemption:
+  """SIGTERM asks the loop to save and stop (with several processes: jax's preemption sync)."""
+
+  def __init__(self, checkpointer: checkpoints_lib.Checkpointer):
+    self._checkpointer = checkpointer
+    self._requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    return self._checkpointer.reached_preemption(step)
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def validate(evaluate, state, sources_val, view_config, config, batch_sharding,
+             num_classes: int) -> dict[str, float]:
+  """Validation metrics of `state` over the whole validation source."""
+  totals = None
+  for batch in data_lib.eval_batches(
+      sources_val, view_config, global_batch_size=config.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_threads):
+    sums = evaluate(state, sharding_lib.global_batch(batch, batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = {name: float(value) for name, value in jax.device_get(totals).items()}
+  count = max(totals["count"], 1.0)
+  result = {"val_accuracy": totals["correct"] / count, "val_loss": totals["loss"] / count}
+  if num_classes > 5:
+    result["val_top5"] = totals["correct_top5"] / count
+  return result
+
+
+def summarize(workdir: str, config: ml_collections.ConfigDict, specs: dict[str, str],
+              total_steps: int) -> dict[str, Any]:
+  """The run's results from its metrics.jsonl (so that a resumed run reports the whole run)."""
+  rows = [row for row in metrics_lib.read_metrics(workdir) if "val_accuracy" in row]
+  return {
+      "mode": config.mode,
+      "init": config.backbone.init,
+      "backbone": os.path.abspath(config.backbone.path),
+      "data": dict(specs),
+      "steps": rows[-1]["step"] if rows else 0,
+      "total_steps": total_steps,
+      "val_accuracy": rows[-1]["val_accuracy"] if rows else None,
+      "best_val_accuracy": max((row["val_accuracy"] for row in rows), default=None),
+  }
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+# ---- The run. ----
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the fine-tuning of `config` in `workdir`; returns its results.
+
+  Raises:
+    ConfigError: bad input, found before anything is written or compiled.
+    checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+  """
+  workdir = os.path.abspath(workdir)
+  # 1. Checks.
+  check_config(config)
+  check_workdir(workdir)
+  data = prepare_data(config, workdir)
+  num_classes = len(data["train"].class_names)
+  steps_per_epoch = len(data["train"]) // config.batch_size
+  total_steps = int(config.total_steps or round(config.epochs * steps_per_epoch))
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  recipe = make_recipe(config, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+                       total_steps=total_steps)
+  graphdef, backbone_params, size = load_initial_backbone(config, recipe)
+  is_primary = jax.process_index() == 0
+
+  # 2. Mesh, state shapes and shardings.
+  mesh = sharding_lib.make_mesh(config.mesh)
+  optimizer = model_lib.make_optimizer(recipe, size.depth)
+  init = lambda params, rng: init_state(
+      recipe, optimizer, model_lib.feature_dim(size.dim, recipe), params, rng)
+  abstract_state = jax.eval_shape(init, backbone_params, jax.random.PRNGKey(config.seed))
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+  logging.info("Mesh %s; %s on %d classes, %d training / %d validation images; %d steps (%d per "
+               "epoch), global batch %d.", dict(mesh.shape), config.mode, num_classes,
+               len(data["train"]), len(data["val"]), total_steps, steps_per_epoch,
+               config.batch_size)
+
+  # 3. The jitted steps.
+  update = jax.jit(make_train_step(recipe, graphdef, optimizer),
+                   in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+  evaluate = jax.jit(make_eval_step(recipe, graphdef),
+                     in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
+
+  # 4. Restore or initialise.
+  checkpointer = checkpoints_lib.Checkpointer(
+      os.path.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  data_state = None
+  if latest is not None:
+    logging.info("Resuming from %s/%d", checkpointer.directory, latest)
+    state, data_state = checkpointer.restore(
+        latest, sharding_lib.with_shardings(abstract_state, state_sharding))
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)(
+        jax.device_put(backbone_params, state_sharding["backbone"]),
+        jax.random.PRNGKey(config.seed))
+  del backbone_params
+  start_step = int(jax.device_get(state["step"]))
+  view_config = data_lib.ViewConfig.from_config(config.data)
+  data_iter = data_lib.train_iterator(
+      data["train"], view_config, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers, num_threads=config.data.num_threads)
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  if is_primary:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+
+  # 5. The loop.
+  writer = metrics_lib.MetricWriter(workdir, start_step=start_step, total_steps=total_steps,
+                                    enabled=is_primary)
+  preemption = _Preemption(checkpointer)
+  history = []  # (step, metrics on the device) since the last fetch.
+  timer_start, timer_steps = None, 0
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
+      state, step_metrics = update(state, batch)
+      history.append((step, step_metrics))
+      if timer_start is None:  # Time from the end of the first (compiling) step.
+        jax.block_until_ready(state)
+        timer_start, timer_steps = time.perf_counter(), 0
+      else:
+        timer_steps += 1
+
+      stop = preemption.reached(step)
+      is_last = step == total_steps
+      log_now = step % config.log_every_steps == 0 or is_last
+      eval_now = step % eval_every == 0 or is_last
+      save_now = (eval_now or stop or (config.checkpoint_every_steps
+                                       and step % config.checkpoint_every_steps == 0))
+      if log_now or save_now:
+        fetched = jax.device_get(history)
+        history = []
+        bad = next(((s, m) for s, m in fetched if not m["finite"]), None)
+        if bad is not None:
+          checkpointer.wait_until_finished()
+          raise NonFiniteLossError(
+              f"the loss or the parameters became non-finite at step {bad[0]} (loss "
+              f"{float(bad[1]['loss'])}): stopping. The last good checkpoint is step "
+              f"{checkpointer.latest_step()} in {checkpointer.directory}; lower "
+              "--config.optim.base_lr and run again.")
+        if log_now:
+          scalars = {name: float(value) for name, value in fetched[-1][1].items()
+                     if name != "finite"}
+          if timer_steps:
+            scalars["images_per_second"] = (config.batch_size * timer_steps
+                                            / (time.perf_counter() - timer_start))
+          writer.write_scalars(step, scalars)
+          timer_start, timer_steps = time.perf_counter(), 0
+      if eval_now:
+        result = validate(evaluate, state, data["val"], view_config, config, batch_sharding,
+                          num_classes)
+        writer.write_scalars(step, {"epoch": step / steps_per_epoch, **result})
+        writer.message(f"step {step} (epoch {step / steps_per_epoch:.3g}): validation accuracy "
+                       f"{result['val_accuracy']:.4f}")
+      if save_now:
+        checkpointer.save(step, state, data_iter.get_state())
+      writer.advance(step)
+      if stop and not is_last:
+        writer.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; run the same "
+                       "command again to resume.")
+        break
+  finally:
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    preemption.close()
+    writer.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  results = summarize(workdir, config, data["specs"], total_steps)
+  if is_primary and results["steps"] == total_steps:
+    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`train_and_evaluate`, then (with compare_random_init) the same recipe from a random backbone
+  in WORKDIR/random_init, on the same images; both results go to WORKDIR/comparison.json."""
+  results = train_and_evaluate(config, workdir)
+  if not config.compare_random_init or results["steps"] < results["total_steps"]:
+    return results
+  baseline_config = ml_collections.ConfigDict(config.to_dict())
+  baseline_config.backbone.init = "random"
+  baseline_config.compare_random_init = False
+  baseline_config.data.demo = False
+  baseline_config.data.train, baseline_config.data.val = (results["data"]["train"],
+                                                          results["data"]["val"])
+  baseline = train_and_evaluate(baseline_config, os.path.join(workdir, RANDOM_INIT_DIR))
+  comparison = {config.backbone.init: results, "random": baseline}
+  if jax.process_index() == 0 and baseline["steps"] == baseline["total_steps"]:
+    _write_json(os.path.join(workdir, COMPARISON_FILE), comparison)
+  return comparison
