@@ -38,8 +38,10 @@ from dora_jax import checkpoints as checkpoints_lib
 from dora_jax import export
 from dora_jax import metrics as metrics_lib
 from dora_jax import models
+from dora_jax import preflight
 from dora_jax import pretrained
 from dora_jax import sharding as sharding_lib
+from dora_jax import workdir_lock
 from dora_jax.finetune import data as data_lib
 from dora_jax.finetune import model as model_lib
 from dora_jax.models import vit
@@ -52,7 +54,7 @@ RANDOM_INIT_DIR = "random_init"
 INITS = ("pretrained", "random")
 
 
-class ConfigError(ValueError):
+class ConfigError(preflight.ConfigError):
   """Bad input found before training starts: a config key, the work folder, images, backbone."""
 
 
@@ -119,17 +121,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def check_workdir(workdir: str) -> None:
   """The work folder (or, if it does not exist yet, its nearest existing parent) is writable."""
-  if not workdir:
-    raise ConfigError("--workdir is empty: pass the folder for checkpoints and logs.")
-  path = os.path.abspath(workdir)
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f"--workdir {workdir} exists and is not a folder.")
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir {workdir} is not writable ({existing} is not a writable "
-                      "folder): choose another --workdir or fix its permissions.")
+  try:
+    preflight.check_workdir(workdir)
+  except preflight.ConfigError as e:
+    raise ConfigError(str(e)) from None
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -376,9 +371,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
   """
   workdir = os.path.abspath(workdir)
-  # 1. Checks.
+  # 1. Checks; then the work folder is ours (one run per folder, as dora-train).
   check_config(config)
   check_workdir(workdir)
+  with workdir_lock.run_lock(workdir, command="dora-finetune"):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data = prepare_data(config, workdir)
   num_classes = len(data["train"].class_names)
   steps_per_epoch = len(data["train"]) // config.batch_size
