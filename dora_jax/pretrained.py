@@ -10,6 +10,7 @@ import jax
 from flax import nnx
 import orbax.checkpoint as ocp
 
+from dora_jax import checkpoint_items
 from dora_jax import checkpoints
 from dora_jax import export
 from dora_jax import paths
@@ -73,8 +74,8 @@ def load_backbone(path: str):
   abstract_teacher = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       abstract_state["teacher"])
-  saved = checkpoints.flat_shapes(manager.item_metadata(step)["state"].tree["teacher"])
-  problem = checkpoints.describe_mismatch(saved, checkpoints.flat_shapes(abstract_teacher))
+  saved = checkpoint_items.flat_shapes(manager.item_metadata(step)["state"].tree["teacher"])
+  problem = checkpoint_items.describe_mismatch(saved, checkpoint_items.flat_shapes(abstract_teacher))
   if problem:
     raise checkpoints.CheckpointMismatchError(
         f"the teacher in {checkpoint_dir}/{step} does not match {workdir}/{checkpoints.CONFIG_FILE}: {problem}.")

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dora_jax import checkpoint_items
 from dora_jax import checkpoints
 from dora_jax import pretrained
 from dora_jax import sharding
@@ -68,7 +69,7 @@ _MASK = (1 << 32) - 1
 
 
 def _numpy_checksum(x: np.ndarray) -> str:
-  """The checksum of `checkpoints._array_checksum`, in NumPy on 64-bit integers."""
+  """The checksum of `checkpoint_items._array_checksum`, in NumPy on 64-bit integers."""
   x = np.asarray(x)
   if x.dtype == np.bool_:
     words = x.astype(np.uint64)
@@ -84,7 +85,7 @@ def _numpy_checksum(x: np.ndarray) -> str:
     return v ^ (v >> 16)
 
   lanes = [int(np.sum(mix((words + mix(position ^ seed)) & _MASK))) & _MASK
-           for seed in checkpoints._CHECKSUM_SEEDS]
+           for seed in checkpoint_items._CHECKSUM_SEEDS]
   return "".join(f"{lane:08x}" for lane in lanes)
 
 
@@ -98,7 +99,7 @@ def test_checksums_equal_a_numpy_reference():
       "mask": rng.random(size=(9,)) > 0.5,
       "scalar": np.int32(-7),
   }
-  record = checkpoints.array_record({name: jnp.asarray(x) for name, x in arrays.items()})
+  record = checkpoint_items.array_record({name: jnp.asarray(x) for name, x in arrays.items()})
   for name, x in arrays.items():
     assert record[name]["checksum"] == _numpy_checksum(np.asarray(x)), name
     assert record[name]["shape"] == list(np.shape(x))
@@ -107,7 +108,7 @@ def test_checksums_equal_a_numpy_reference():
 
 def test_checksum_sees_damage_and_not_the_sharding():
   x = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
-  checksum = lambda a: checkpoints.array_record({"x": a})["x"]["checksum"]
+  checksum = lambda a: checkpoint_items.array_record({"x": a})["x"]["checksum"]
   reference = checksum(jnp.asarray(x))
   damaged = []
   flipped = x.copy()
@@ -261,7 +262,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
   manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
-  monkeypatch.setattr(checkpoints.DataStateHandler, "save", no_space)
+  monkeypatch.setattr(checkpoint_items.DataStateHandler, "save", no_space)
   with pytest.raises(checkpoints.CheckpointSaveError) as error:
     manager.save(3, _state(3), {"position": 3})
   monkeypatch.undo()
@@ -397,8 +398,8 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
 
 
 def test_describe_mismatch_reports_missing_and_extra():
-  assert checkpoints.describe_mismatch({"a": (1,)}, {"a": (1,)}) is None
-  assert "not in the checkpoint (e.g. b)" in checkpoints.describe_mismatch(
+  assert checkpoint_items.describe_mismatch({"a": (1,)}, {"a": (1,)}) is None
+  assert "not in the checkpoint (e.g. b)" in checkpoint_items.describe_mismatch(
       {"a": (1,)}, {"a": (1,), "b": (2,)})
-  assert "this config does not (e.g. c)" in checkpoints.describe_mismatch(
+  assert "this config does not (e.g. c)" in checkpoint_items.describe_mismatch(
       {"a": (1,), "c": (2,)}, {"a": (1,)})
