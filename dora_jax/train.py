@@ -144,6 +144,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       is_last = step == total_steps
       log_now = step % config.log_every_steps == 0 or is_last
       save_now = step % config.checkpoint_every_steps == 0 or is_last or stop
+      scores = {}
+      if evaluator.due(step, total_steps):  # Every process runs it, on its own devices.
+        evaluation_start = time.perf_counter()
+        scores = evaluator.run(pretrained.teacher_backbone(graphdef, state), step)
+        timer_start += time.perf_counter() - evaluation_start  # Not train-step time.
+        writer.message(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
       if log_now or save_now:
         fetched = jax.device_get(history)
         history = []
@@ -167,6 +173,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           if timer_steps:
             last_metrics["step_time"] = elapsed / timer_steps
             last_metrics["frames_per_second"] = frames_per_step * timer_steps / elapsed
+          last_metrics.update(scores)  # The evaluators' numbers join the step's record.
           writer.write_scalars(step, last_metrics)
           timer_start, timer_steps = time.perf_counter(), 0
       if picture_fn is not None and (step % config.picture_every_steps == 0 or is_last):
@@ -174,10 +181,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             jax.random.PRNGKey(config.seed), step)))
         if is_primary:
           _write_picture(workdir, step, arrays, writer)
-      if evaluator.due(step, total_steps):  # Every process runs it, on its own devices.
-        scores = evaluator.run(pretrained.teacher_backbone(graphdef, state), step)
+      if scores and not log_now:
         writer.write_scalars(step, scores)
-        writer.message(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
       if save_now:
         checkpointer.save(step, state, data_iter.get_state())
       writer.advance(step)

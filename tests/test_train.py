@@ -56,6 +56,9 @@ TINY = {
     "checkpoint_every_steps": 8,
     "picture_every_steps": 16,
     "optim.warmup_epochs": 1,
+    # The tracking IoU every 8 steps on the run's own tour (eval.track_data set in _tiny).
+    "eval.every_steps": 8,
+    "eval.track_clips": 2,
 }
 
 
@@ -83,7 +86,7 @@ def _set(config, dotted, value):
 
 def _tiny(data_dir, overrides):
   """TINY + data.dir + overrides (keyword names may spell '.' as '__')."""
-  return {**TINY, "data.dir": data_dir,
+  return {**TINY, "data.dir": data_dir, "eval.track_data": os.path.dirname(data_dir),
           **{key.replace("__", "."): value for key, value in overrides.items()}}
 
 
@@ -236,6 +239,9 @@ def test_run_logs_and_draws(straight_run):
            "kl", "masked_area", "step_time", "frames_per_second"}
   assert names <= set(rows[-1])
   assert all(np.isfinite(row["loss"]) for row in rows)
+  # The evaluators ran inside the loop, every eval.every_steps, in the step's record.
+  evaluated = {row["step"]: row["track_iou"] for row in rows if "track_iou" in row}
+  assert sorted(evaluated) == [8, 16] and all(0 <= v <= 1 for v in evaluated.values())
   assert min(row["teacher_entropy"] for row in rows) > 0.1  # Not collapsed to one prototype.
   assert all(0 < row["masked_area"] < 1 for row in rows)
   assert all(row["frames_per_second"] > 0 for row in rows[1:])
