@@ -37,7 +37,7 @@ import optax
 from dora_jax import checkpoints as checkpoints_lib
 from dora_jax import export
 from dora_jax import metrics as metrics_lib
-from dora_jax import models
+from dora_jax.models import dino
 from dora_jax import preflight
 from dora_jax import pretrained
 from dora_jax import sharding as sharding_lib
@@ -80,7 +80,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "dora-train work folder, its checkpoints/STEP, or a dora-export folder).")
   try:
     sharding_lib.mesh_shape(config.mesh, num_devices)
-    models.compute_dtype(config.backbone.compute_dtype)
+    dino.compute_dtype(config.backbone.compute_dtype)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if config.batch_size < 1 or config.batch_size % num_devices:
@@ -174,7 +174,7 @@ def load_initial_backbone(config: ml_collections.ConfigDict, recipe: model_lib.R
     loaded = pretrained.load_backbone(config.backbone.path)
   except (FileNotFoundError, checkpoints_lib.CheckpointMismatchError, export.ExportError) as e:
     raise ConfigError(f"config backbone.path: {e}") from None
-  dtype = models.compute_dtype(config.backbone.compute_dtype)
+  dtype = dino.compute_dtype(config.backbone.compute_dtype)
   backbone = model_lib.with_drop_path(loaded, recipe.drop_path_rate, dtype)
   graphdef, params = nnx.split(backbone)
   size = loaded.size
