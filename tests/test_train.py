@@ -458,3 +458,48 @@ def test_two_processes_equal_one_process(data_dir, env, straight_run, tmp_path):
   for got, want in zip(jax.tree.leaves(two["teacher"]), jax.tree.leaves(one["teacher"])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   assert os.listdir(os.path.join(workdir, train.PICTURES_DIR)) == [f"step_{total:07d}.png"]
+
+
+@pytest.mark.skipif(not os.environ.get("DORA_SLOW_TESTS"),
+                    reason="two jax processes, interrupted and resumed: minutes; DORA_SLOW_TESTS=1")
+def test_sigterm_to_one_of_two_processes_saves_everywhere_and_resumes(data_dir, env,
+                                                                     straight_run, tmp_path):
+  """Multi-host preemption: SIGTERM reaches one host; jax's preemption sync makes every process
+  save the same step and exit 0; the restart ends where an uninterrupted run does."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "run")
+
+  def start(port, total_steps):
+    processes = []
+    for process_id in range(2):
+      process_env = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
+                         XLA_FLAGS=env["XLA_FLAGS"].replace("device_count=4", "device_count=2"))
+      log = str(tmp_path / f"process{process_id}-{port}.log")
+      processes.append((_dora_train(
+          ["--distributed", "--config", DEMO_CONFIG, "--workdir", workdir]
+          + _flags(data_dir, total_steps=total_steps, **RUN), process_env, log=log), log))
+    return processes
+
+  total = TINY["total_steps"]
+  first = start(portpicker.pick_unused_port(), total)
+  deadline = time.time() + 600
+  while not metrics.read_metrics(workdir) and time.time() < deadline:  # Training has started.
+    time.sleep(0.5)
+  first[1][0].send_signal(signal.SIGTERM)  # Only process 1 is told.
+  for process, log in first:
+    assert process.wait(timeout=600) == 0, open(log).read()[-3000:]
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
+                 if n.isdigit())
+  assert saved and saved[-1] < total  # Stopped early, at a step both processes saved.
+  step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(saved[-1]), "data")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
+  for process, log in start(portpicker.pick_unused_port(), total):
+    assert process.wait(timeout=600) == 0, open(log).read()[-3000:]
+  rows = metrics.read_metrics(workdir)
+  assert [row["step"] for row in rows] == list(range(1, total + 1))
+  for got, want in zip(_without_timing(rows), _without_timing(metrics.read_metrics(straight_run))):
+    for key in got:
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{key} at step {got['step']}")
