@@ -99,6 +99,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.log_every_steps = 50  # Metrics to TensorBoard, metrics.jsonl and the console.
   c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
+  c.compilation_cache_dir = ""  # Compiled-step cache: "" $JAX_COMPILATION_CACHE_DIR or WORKDIR/jax_cache, "none" off, or a folder.
   return c
 
 

@@ -15,7 +15,7 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LAYERS = {
     0: ("dora_jax.tracking", "dora_jax.losses", "dora_jax.schedules", "dora_jax.visualize",
         "dora_jax.sharding", "dora_jax.metrics", "dora_jax.config_base", "dora_jax.data",
-        "dora_jax.models"),
+        "dora_jax.models", "dora_jax.flops", "dora_jax.compilation"),
     1: ("dora_jax.objects", "dora_jax.checkpoints"),
     2: ("dora_jax.train_step",),
     3: ("dora_jax.pretrained", "dora_jax.preflight"),
