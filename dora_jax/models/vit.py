@@ -233,7 +233,7 @@ class VisionTransformer(nnx.Module):
                drop_path_rate: float = 0.0, dtype: Any = jnp.float32,
                dim: int | None = None, depth: int | None = None,
                num_heads: int | None = None, patch_size: int | None = None,
-               rngs: nnx.Rngs):
+               remat: bool = False, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
@@ -245,6 +245,8 @@ class VisionTransformer(nnx.Module):
       dtype: compute dtype of the matmuls (float32 or bfloat16); parameters stay float32, and
         the residual stream, norms and softmax stay float32.
       dim, depth, num_heads, patch_size: override the variant's values.
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (jax.checkpoint): the same numbers, less memory, about one more forward of compute.
       rngs: parameter initialisation.
     """
     size = resolve_size(variant, dim=dim, depth=depth, num_heads=num_heads,
@@ -257,6 +259,7 @@ class VisionTransformer(nnx.Module):
     self.size = size
     self.img_size = img_size
     self.dtype = dtype
+    self.remat = remat
     p, d = size.patch_size, size.dim
     fan_in = p * p * 3
     self.patch_embed = nnx.Conv(
@@ -312,9 +315,12 @@ class VisionTransformer(nnx.Module):
     block_rngs = [None] * len(self.blocks)
     if drop_path_rng is not None:
       block_rngs = list(jax.random.split(drop_path_rng, len(self.blocks)))
+    run_block = lambda block, x, rng: block(x, rng)
+    if self.remat:
+      run_block = nnx.remat(run_block)
     aux = {}
     for block, rng in zip(self.blocks, block_rngs):
-      x, aux = block(x, rng)
+      x, aux = run_block(block, x, rng)
     x = self.norm(x)
     return {
         "cls": x[:, 0],
