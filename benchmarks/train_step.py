@@ -25,6 +25,7 @@ so their sum should be close to the step.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -298,7 +299,7 @@ def main(argv):
           rng.integers(0, 256, (b, t, m, _LOCAL_SIZE.value, _LOCAL_SIZE.value, 3)), jnp.uint8),
   }
   device = jax.devices()[0]
-  peak = flops_lib.device_peak(_DTYPE.value)
+  peak = flops_lib.device_peak(_DTYPE.value, cpu_devices_sharing=1)  # Steps run on one device.
   print(f"device: {device.device_kind} x{jax.device_count()} ({platform.processor() or '?'}, "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})  jax {jax.__version__}")
   print(f"model {_SIZES.value or _VARIANT.value}, out_dim {_OUT_DIM.value}, clips {b} x T={t}, "
@@ -332,8 +333,16 @@ def main(argv):
           f"{_fmt(achieved.get('tflops'), '8.4f')} {_fmt(achieved.get('mfu'), '6.3f')} "
           f"{_fmt(row.memory, '8.2f')} {seconds / first:8.2f}")
   stats = getattr(device, "memory_stats", lambda: None)()
-  if stats and "peak_bytes_in_use" in stats:
-    print(f"device peak memory in use (all rows): {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+  device_peak = stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+  if device_peak is not None:
+    print(f"device peak memory in use (all rows): {device_peak:.2f} GiB")
+  for row in rows:  # For scripts (benchmarks/accelerator.sh): one JSON object per row.
+    seconds = statistics.median(row.times)
+    print("row: " + json.dumps(dict(
+        name=row.name, device=device.device_kind, compile_s=row.compile_seconds,
+        s_per_step=seconds, frames_per_s=b * t / seconds, gflop=row.flops and row.flops / 1e9,
+        **flops_lib.rates(row.flops, seconds, peak), xla_gib=row.memory,
+        device_peak_gib=device_peak if len(rows) == 1 else None)))
   if parts:
     print(f"\nbreakdown of {rows[0].name} (median s over {_STEPS.value} interleaved runs):")
     total = 0.0

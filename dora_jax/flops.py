@@ -86,13 +86,20 @@ def measure_matmul_peak(dtype: Any = jnp.float32, *, size: int = 1024, repeats: 
   return 2.0 * size**3 / best
 
 
-def device_peak(dtype: Any, device: jax.Device | None = None) -> float | None:
-  """Dense peak FLOP/s of one device for `dtype` matmuls: the table's, or measured on the CPU
-  (the host's peak shared by its local devices), or None (unknown)."""
+def device_peak(dtype: Any, device: jax.Device | None = None, *,
+                cpu_devices_sharing: int | None = None) -> float | None:
+  """Dense peak FLOP/s of one device for `dtype` matmuls: the table's, or measured on the CPU,
+  or None (unknown).
+
+  The CPU devices of a host share its cores: a program partitioned over all of them gets
+  1/local_device_count of the measured peak each (the default); a program on one device gets
+  all of it (cpu_devices_sharing=1).
+  """
   device = device or jax.devices()[0]
   peak = table_peak(device.device_kind, dtype)
   if peak is None and device.platform == "cpu":
-    peak = measure_matmul_peak(dtype, device=device) / jax.local_device_count()
+    sharing = cpu_devices_sharing or jax.local_device_count()
+    peak = measure_matmul_peak(dtype, device=device) / sharing
   return peak
 
 
