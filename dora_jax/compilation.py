@@ -60,16 +60,22 @@ def enable_cache(setting: str, workdir: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
-  """A compiled program, the seconds its compile took (cache loads included), and its FLOPs per
-  run on one device (XLA's cost analysis; None when the backend does not say)."""
+  """A compiled program; the seconds from the call to the executable (`compile_seconds`), of
+  which tracing and lowering to StableHLO took `lower_seconds` (the cache cannot save those);
+  its FLOPs per run on one device (XLA's cost analysis; None when the backend does not say)."""
   executable: Any
   compile_seconds: float
+  lower_seconds: float
   flops: float | None
 
 
 def compile_step(jitted: Any, *args) -> CompiledStep:
   """Lowers and compiles `jitted` for `args` (arrays or jax.ShapeDtypeStructs), timed."""
   start = time.perf_counter()
-  executable = jitted.lower(*args).compile()
+  lowered = jitted.lower(*args)
+  lower_seconds = time.perf_counter() - start
+  executable = lowered.compile()
   seconds = time.perf_counter() - start
-  return CompiledStep(executable, seconds, flops_lib.compiled_flops(executable))
+  logging.info("Compiled in %.1f s: %.1f s tracing and lowering, %.1f s compiling or loading "
+               "from the cache.", seconds, lower_seconds, seconds - lower_seconds)
+  return CompiledStep(executable, seconds, lower_seconds, flops_lib.compiled_flops(executable))
