@@ -4,6 +4,8 @@ The FLOPs are XLA's cost analysis of the compiled program (`compiled.cost_analys
 what the partitioned program of one device executes, a (m, k) x (k, n) dot counted as 2 m k n,
 elementwise arithmetic one per element, transcendentals (exp, erf, ...) not at all. So it counts
 what the step does (the backward pass, the teacher, the tracking), not a formula of the model.
+It counts the body of a loop (lax.scan, while) once, whatever the trip count: a program whose
+layers run under a scan (model.scan) is undercounted, and the trainer reports no MFU for it.
 
 The peak is per device, dense, from the vendors' spec sheets for the kinds in `PEAK_TFLOPS`; on
 the CPU it is measured once with a large matmul (`measure_matmul_peak`), shared by the fake

@@ -149,7 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.perf_counter() - timer_start
           last_metrics["step_time"] = elapsed / timer_steps
           last_metrics["frames_per_second"] = frames_per_step * timer_steps / elapsed
-          last_metrics.update(flops_lib.rates(compiled.flops, elapsed / timer_steps, peak))
+          # XLA's cost analysis counts a loop's body once: under model.scan the FLOPs are unknown.
+          step_flops = None if config.model.get("scan") else compiled.flops
+          last_metrics.update(flops_lib.rates(step_flops, elapsed / timer_steps, peak))
           writer.write_scalars(step, last_metrics)
           timer_start, timer_steps = time.perf_counter(), 0
       if picture_fn is not None and (step % config.picture_every_steps == 0 or is_last):
