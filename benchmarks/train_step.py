@@ -301,7 +301,7 @@ def main(argv):
   }
   device = jax.devices()[0]
   peak = flops_lib.device_peak(_DTYPE.value, cpu_devices_sharing=1)  # Steps run on one device.
-  print(f"device: {device.device_kind} x{jax.device_count()} ({platform.processor() or '?'}, "
+  print(f"device: {device.device_kind} x{jax.device_count()} ({platform.machine()}, "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})  jax {jax.__version__}")
   print(f"model {_SIZES.value or _VARIANT.value}, out_dim {_OUT_DIM.value}, clips {b} x T={t}, "
         f"{_SIZE.value} px, M={m} crops of {_LOCAL_SIZE.value} px, {_DTYPE.value}")
