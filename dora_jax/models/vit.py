@@ -266,7 +266,8 @@ class VisionTransformer(nnx.Module):
         the residual stream, norms and softmax stay float32.
       dim, depth, num_heads, patch_size: override the variant's values.
       remat: recompute each block's activations in the backward pass instead of keeping them
-        (jax.checkpoint): the same numbers, less memory, about one more forward of compute.
+        (jax.checkpoint): the same numbers, about one more forward of compute, less activation
+        memory on accelerators (XLA:CPU does not realise the saving; see BENCHMARKS.md).
       scan: run blocks 0..depth-2 as one `jax.lax.scan` over their parameters, stacked for the
         call (the parameters keep their per-block paths, so checkpoints and PyTorch names do not
         change): the same numbers, one block body to compile instead of depth - 1.
@@ -357,7 +358,6 @@ class VisionTransformer(nnx.Module):
         "q": aux["q"].astype(jnp.float32),
         "k": aux["k"].astype(jnp.float32),
     }
-
 
   def _scanned_blocks(self, blocks: list[Block], x: jax.Array,
                       rngs: list[jax.Array | None]) -> jax.Array:
