@@ -30,6 +30,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.out_dim = 65536  # Prototypes in the head's weight-normalised last layer.
   c.model.norm_last_layer = False  # Fix the last layer's weight-norm gain at 1.
   c.model.compute_dtype = "float32"  # Matmul dtype: "float32" or "bfloat16" (params stay f32).
+  c.model.remat = False  # Recompute ViT blocks in the backward pass (jax.checkpoint): less memory on accelerators.
+  c.model.scan = False  # Run ViT blocks 0..depth-2 under one lax.scan: faster compile, same numbers.
 
   # ---- DoRA object discovery, tracking and masking (ignored when dora.enabled is False). ----
   c.dora = ml_collections.ConfigDict()
@@ -120,6 +122,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.log_every_steps = 50  # Metrics to TensorBoard, metrics.jsonl and the console.
   c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
+  c.compilation_cache_dir = ""  # Compiled-step cache: "" $JAX_COMPILATION_CACHE_DIR or WORKDIR/jax_cache, "none" off, or a folder.
   return c
 
 

@@ -1,7 +1,10 @@
 """Training metrics: TensorBoard event files, `metrics.jsonl` and a console progress bar.
 
 Everything lands in the work folder:
-  WORKDIR/metrics.jsonl   one JSON object per logged step: {"step": 50, "loss": ..., "lr": ...}
+  WORKDIR/metrics.jsonl   one JSON object per logged step: {"step": 50, "loss": ..., "lr": ...};
+                          the trainer adds step_time, frames_per_second, tflops and mfu (see
+                          flops.py; no mfu where the device's peak is unknown), and compile_time
+                          (seconds) to the first record of each start.
   WORKDIR/tensorboard/    event files (`tensorboard --logdir WORKDIR/tensorboard`)
 
 On resume from step s, lines and events after s (written by the interrupted run after its last
@@ -21,6 +24,8 @@ from dora_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# Shown beside the progress bar; tflops and mfu (model FLOPs utilisation) where known.
+PROGRESS_METRICS = ("loss", "teacher_entropy", "lr", "tflops", "mfu")
 
 
 def _read_lines(path: str) -> list[str]:
@@ -86,7 +91,7 @@ class MetricWriter:
       paths.write_text(self._remote_path, "".join(self._remote_lines))
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, value, global_step=step)
-    shown = {name: scalars[name] for name in ("loss", "teacher_entropy", "lr") if name in scalars}
+    shown = {name: scalars[name] for name in PROGRESS_METRICS if name in scalars}
     self._postfix = {name: _short(value) for name, value in shown.items()}
     if self._bar is not None:
       self._bar.set_postfix(self._postfix, refresh=False)

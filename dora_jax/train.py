@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 
 from dora_jax import checkpoints as checkpoints_lib
+from dora_jax import compilation
+from dora_jax import flops as flops_lib
 from dora_jax import metrics as metrics_lib
 from dora_jax import paths
 from dora_jax import preflight
@@ -80,7 +82,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   logging.info("Mesh %s; %d steps (%d per epoch), global batch %d clips.", dict(mesh.shape),
                total_steps, plan.steps_per_epoch, config.batch_size)
 
-  # ---- The update: one compile per run (the batch shapes never change). ----
+  # ---- The update: one compile per run (the batch shapes never change), or a cache load. ----
+  compilation.enable_cache(config.compilation_cache_dir, workdir)
   update = jax.jit(
       with_finite_check(train_step.make_train_step(
           config, graphdef, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)),
@@ -127,18 +130,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   history = []  # (step, metrics on the device) since the last fetch; fetched in one go.
   last_metrics = {}
   timer_start, timer_steps = None, 0
+  compiled, once = None, {}  # The compiled step; what the next record carries once per start.
+  peak = flops_lib.device_peak(config.model.compute_dtype)  # Per device; None: unknown.
   if start_step < total_steps:
     logging.info("Compiling the train step (the first step takes a while).")
   try:
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
-      state, step_metrics = update(state, batch)
+      if compiled is None:  # Compiled (or loaded from the cache) once, timed, with its FLOPs.
+        compiled = compilation.compile_step(update, state, batch)
+        once["compile_time"] = compiled.compile_seconds
+        timer_start = time.perf_counter()
+      state, step_metrics = compiled.executable(state, batch)
       history.append((step, step_metrics))
-      if timer_start is None:  # Time from the end of the first (compiling) step.
-        jax.block_until_ready(state)
-        timer_start, timer_steps = time.perf_counter(), 0
-      else:
-        timer_steps += 1
+      timer_steps += 1
 
       stop = preemption.reached(step)
       is_last = step == total_steps
@@ -169,10 +174,16 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         if log_now:
           last_metrics = {name: float(value) for name, value in fetched[-1][1].items()
                           if name != "finite"}
+          last_metrics.update(once)
+          once = {}
           elapsed = time.perf_counter() - timer_start
           if timer_steps:
             last_metrics["step_time"] = elapsed / timer_steps
             last_metrics["frames_per_second"] = frames_per_step * timer_steps / elapsed
+            # XLA's cost analysis counts a loop's body once: under model.scan the FLOPs are
+            # unknown.
+            step_flops = None if config.model.get("scan") else compiled.flops
+            last_metrics.update(flops_lib.rates(step_flops, elapsed / timer_steps, peak))
           last_metrics.update(scores)  # The evaluators' numbers join the step's record.
           writer.write_scalars(step, last_metrics)
           timer_start, timer_steps = time.perf_counter(), 0

@@ -66,6 +66,53 @@ def test_head_matches_numpy(num_layers):
     np.testing.assert_array_equal(value, sd["head." + name], err_msg=name)
 
 
+def old_formula_head(head, x):
+  """The head as first written, x @ (g v / ||v||): the weight normalised before the matmul."""
+  for i, layer in enumerate(head.mlp):
+    x = layer(x)
+    if i < len(head.mlp) - 1:
+      x = jax.nn.gelu(x, approximate=False)
+  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), head_lib.NORMALIZE_EPS)
+  v = head.last_layer_v[...]
+  return x @ (v / jnp.linalg.norm(v, axis=0, keepdims=True) * head.last_layer_g[...])
+
+
+def test_scaled_matmul_equals_weight_normalised_matmul_and_its_gradient():
+  """(x v) (g / ||v||) gives x (g v / ||v||)'s logits and gradients (float32 tolerance), and
+  the gradient in v and g of a NumPy float64 derivation of the weight-normalised layer."""
+  sd = random_head_weights()
+  head = head_lib.head_from_torch_state_dict(sd)
+  x = inputs()
+  graphdef, params = nnx.split(head, nnx.Param)
+  cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((5, OUT)), jnp.float32)
+  loss = lambda fn: lambda p: jnp.sum(cotangent * fn(nnx.merge(graphdef, p), x))
+  new_logits = head(x)
+  np.testing.assert_allclose(new_logits, old_formula_head(head, x), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(new_logits, numpy_head(sd, x), rtol=0, atol=1e-5)
+  new_grads = nnx.to_pure_dict(jax.grad(loss(lambda h, x: h(x)))(params))
+  old_grads = nnx.to_pure_dict(jax.grad(loss(old_formula_head))(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               new_grads, old_grads)
+
+  # float64: logits_bj = z_b . v_j g_j / n_j, z the normalised bottleneck, n_j = ||v_j||.
+  z = x
+  for i, layer in enumerate(head.mlp):
+    z = layer(z)
+    if i < len(head.mlp) - 1:
+      z = jax.nn.gelu(z, approximate=False)
+  z = np.asarray(z, np.float64)
+  z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  v = np.asarray(head.last_layer_v[...], np.float64)  # (bottleneck, OUT)
+  g = np.asarray(head.last_layer_g[...], np.float64)
+  c = np.asarray(cotangent, np.float64)
+  n = np.linalg.norm(v, axis=0)
+  zv = z @ v  # (5, OUT)
+  grad_g = np.sum(c * zv, axis=0) / n
+  grad_v = (z.T @ c) * g / n - v * (np.sum(c * zv, axis=0) * g / n**3)
+  np.testing.assert_allclose(new_grads["last_layer_g"], grad_g, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new_grads["last_layer_v"], grad_v, rtol=1e-5, atol=1e-5)
+
+
 def test_parameter_names_and_init():
   head = head_lib.DINOHead(IN, OUT, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(head, nnx.Param))

@@ -15,7 +15,7 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LAYERS = {
     0: ("dora_jax.export", "dora_jax.torch_checkpoint", "dora_jax.tracking", "dora_jax.losses", "dora_jax.schedules", "dora_jax.visualize",
         "dora_jax.sharding", "dora_jax.metrics", "dora_jax.config_base", "dora_jax.data",
-        "dora_jax.optim", "dora_jax.paths",
+        "dora_jax.optim", "dora_jax.paths", "dora_jax.flops", "dora_jax.compilation",
         "dora_jax.models"),
     1: ("dora_jax.objects", "dora_jax.checkpoints", "dora_jax.checkpoint_items",
         "dora_jax.workdir_lock"),

@@ -28,7 +28,7 @@ from dora_jax import train_step
 from dora_jax.data import synthetic
 
 # Seconds-valued metrics: they differ between two runs of the same steps.
-TIMING_METRICS = ("step_time", "frames_per_second")
+TIMING_METRICS = ("step_time", "frames_per_second", "tflops", "mfu", "compile_time")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
@@ -231,6 +231,8 @@ def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tm
   rows_a, rows_b = metrics.read_metrics(straight_run), metrics.read_metrics(workdir)
   assert [row["step"] for row in rows_a] == list(range(1, total + 1))
   assert _without_timing(rows_a) == _without_timing(rows_b)
+  # Each start logs its compile time once, in its first record.
+  assert [row["step"] for row in rows_b if "compile_time" in row] == [1, interrupted_at + 1]
 
 
 def test_run_logs_and_draws(straight_run):
@@ -244,7 +246,12 @@ def test_run_logs_and_draws(straight_run):
   assert sorted(evaluated) == [8, 16] and all(0 <= v <= 1 for v in evaluated.values())
   assert min(row["teacher_entropy"] for row in rows) > 0.1  # Not collapsed to one prototype.
   assert all(0 < row["masked_area"] < 1 for row in rows)
-  assert all(row["frames_per_second"] > 0 for row in rows[1:])
+  assert all(row["frames_per_second"] > 0 for row in rows)
+  # XLA's FLOPs of the step over its time, and over the CPU's measured matmul peak.
+  assert all(row["tflops"] > 0 and 0 < row["mfu"] < 1 for row in rows)
+  np.testing.assert_allclose([row["mfu"] / row["tflops"] for row in rows],
+                             rows[0]["mfu"] / rows[0]["tflops"], rtol=1e-6)  # One peak.
+  assert rows[0]["compile_time"] > 0 and not any("compile_time" in row for row in rows[1:])
   pictures = os.listdir(os.path.join(straight_run, train.PICTURES_DIR))
   assert pictures == [f"step_{TINY['total_steps']:07d}.png"]
   assert os.listdir(os.path.join(straight_run, metrics.TENSORBOARD_DIR))

@@ -106,7 +106,12 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   """
   if rng is None or rate == 0.0:
     return x
-  keep = 1.0 - rate
+  return _keep_branches(x, 1.0 - rate, rng)
+
+
+def _keep_branches(x: jax.Array, keep: float | jax.Array, rng: jax.Array) -> jax.Array:
+  """`drop_path` with the keep probability given, a float or a traced float32 scalar (the same
+  numbers: a Python float meets x as float32 too); keep = 1 keeps every branch unscaled."""
   mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
@@ -164,16 +169,23 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(dim, rngs)
     self.mlp = Mlp(dim, MLP_RATIO * dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, drop_path_rng: jax.Array | None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x: (B, N+1, D) float32 -> same shape, and the attention outputs of `Attention`."""
+  def __call__(self, x: jax.Array, drop_path_rng: jax.Array | None,
+               keep_prob: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x: (B, N+1, D) float32 -> same shape, and the attention outputs of `Attention`.
+
+    keep_prob: the branches' keep probability as a float32 scalar, instead of 1 -
+      `drop_path_rate` (blocks under one scan share the code but not the rate).
+    """
     attn_rng = mlp_rng = None
     if drop_path_rng is not None:
       attn_rng, mlp_rng = jax.random.split(drop_path_rng)
+    drop = lambda y, rng: drop_path(y, self.drop_path_rate, rng)
+    if keep_prob is not None:
+      drop = lambda y, rng: y if rng is None else _keep_branches(y, keep_prob, rng)
     y, aux = self.attn(self.norm1(x))
-    x = x + drop_path(y, self.drop_path_rate, attn_rng).astype(x.dtype)
+    x = x + drop(y, attn_rng).astype(x.dtype)
     y = self.mlp(self.norm2(x))
-    x = x + drop_path(y, self.drop_path_rate, mlp_rng).astype(x.dtype)
+    x = x + drop(y, mlp_rng).astype(x.dtype)
     return x, aux
 
 
@@ -221,6 +233,14 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax
   return jnp.concatenate([pos_embed[:, :1], patches], axis=1)
 
 
+def _rematerialised(block: Block, x: jax.Array, rng: jax.Array | None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`block(x, rng)` under jax.checkpoint, as a pure function of the block's state (nnx.remat
+  would write the state back, which fails inside jax.grad of a merged model)."""
+  graphdef, state = nnx.split(block)
+  return jax.checkpoint(lambda state, x, rng: nnx.merge(graphdef, state)(x, rng))(state, x, rng)
+
+
 class VisionTransformer(nnx.Module):
   """DINO's ViT. Call it on normalised images (B, H, W, 3); see `__call__` for the outputs.
 
@@ -233,7 +253,7 @@ class VisionTransformer(nnx.Module):
                drop_path_rate: float = 0.0, dtype: Any = jnp.float32,
                dim: int | None = None, depth: int | None = None,
                num_heads: int | None = None, patch_size: int | None = None,
-               rngs: nnx.Rngs):
+               remat: bool = False, scan: bool = False, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
@@ -245,6 +265,12 @@ class VisionTransformer(nnx.Module):
       dtype: compute dtype of the matmuls (float32 or bfloat16); parameters stay float32, and
         the residual stream, norms and softmax stay float32.
       dim, depth, num_heads, patch_size: override the variant's values.
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (jax.checkpoint): the same numbers, about one more forward of compute, less activation
+        memory on accelerators (XLA:CPU does not realise the saving; see BENCHMARKS.md).
+      scan: run blocks 0..depth-2 as one `jax.lax.scan` over their parameters, stacked for the
+        call (the parameters keep their per-block paths, so checkpoints and PyTorch names do not
+        change): the same numbers, one block body to compile instead of depth - 1.
       rngs: parameter initialisation.
     """
     size = resolve_size(variant, dim=dim, depth=depth, num_heads=num_heads,
@@ -257,6 +283,8 @@ class VisionTransformer(nnx.Module):
     self.size = size
     self.img_size = img_size
     self.dtype = dtype
+    self.remat = remat
+    self.scan = scan
     p, d = size.patch_size, size.dim
     fan_in = p * p * 3
     self.patch_embed = nnx.Conv(
@@ -319,10 +347,20 @@ class VisionTransformer(nnx.Module):
     block_rngs = [None] * len(self.blocks)
     if drop_path_rng is not None:
       block_rngs = list(jax.random.split(drop_path_rng, len(self.blocks)))
+    run_block = lambda block, x, rng: block(x, rng)
+    if self.remat:
+      run_block = _rematerialised
+    blocks = list(self.blocks)
+    # The last block runs on its own: DoRA reads its attention (and the linear probe the [CLS]
+    # of the last blocks, which a scan would not return).
+    if self.scan and len(blocks) > 2 and num_last_blocks <= 1:
+      x = self._scanned_blocks(blocks[:-1], x, block_rngs[:-1])
+      blocks, block_rngs = blocks[-1:], block_rngs[-1:]
     aux = {}
     block_cls = []
-    for index, (block, rng) in enumerate(zip(self.blocks, block_rngs)):
-      x, aux = block(x, rng)
+    first = len(self.blocks) - len(blocks)  # Blocks before it ran in the scan.
+    for index, (block, rng) in enumerate(zip(blocks, block_rngs), start=first):
+      x, aux = run_block(block, x, rng)
       if index >= len(self.blocks) - num_last_blocks:
         block_cls.append(self.norm(x[:, 0]))
     x = self.norm(x)
@@ -336,6 +374,25 @@ class VisionTransformer(nnx.Module):
     if num_last_blocks:
       out["block_cls"] = jnp.stack(block_cls, axis=1)
     return out
+
+  def _scanned_blocks(self, blocks: list[Block], x: jax.Array,
+                      rngs: list[jax.Array | None]) -> jax.Array:
+    """`blocks` applied in turn to x (B, N+1, D) under one lax.scan; rngs: one key per block or
+    all None."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
+    keep = jnp.asarray(np.array([1.0 - b.drop_path_rate for b in blocks], np.float32))
+    keys = None if rngs[0] is None else jnp.stack(rngs)
+
+    def body(x, scanned):
+      state, keep_prob, key = scanned
+      x, _ = nnx.merge(graphdef, state)(x, key, keep_prob)
+      return x, None
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, (states, keep, keys))
+    return x
 
 
 # ---- PyTorch weights (the name mapping is in torch_names.py). ----
