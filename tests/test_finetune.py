@@ -24,6 +24,7 @@ from dora_jax import pretrained
 from dora_jax import export
 from dora_jax import metrics
 from dora_jax import sharding
+from dora_jax.finetune import checks
 from dora_jax.finetune import config_base
 from dora_jax.finetune import data as data_lib
 from dora_jax.finetune import demo_data
@@ -120,7 +121,7 @@ def _config(images, backbone, mode, **overrides):
 
 def _final_state(workdir, config):
   """The state of the latest checkpoint in `workdir` (restored onto the host)."""
-  data = train.prepare_data(config, workdir)
+  data = checks.prepare_data(config, workdir)
   steps_per_epoch = len(data["train"]) // config.batch_size
   recipe = train.make_recipe(config, num_classes=len(CLASSES), steps_per_epoch=steps_per_epoch,
                              total_steps=config.total_steps)
@@ -395,7 +396,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(images, backbone, tmp_
     config = _config(images, backbone, "linear", **overrides)
     config.mode = mode
     workdir = str(tmp_path / "run")
-    with pytest.raises(train.ConfigError) as raised:
+    with pytest.raises(checks.ConfigError) as raised:
       train.train_and_evaluate(config, workdir)
     assert expected in str(raised.value) and "\n" not in str(raised.value), str(raised.value)
     assert not os.path.exists(workdir)

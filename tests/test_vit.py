@@ -10,6 +10,7 @@ import pytest
 from scipy import special
 
 from dora_jax.models import layers
+from dora_jax.models import pos_embed
 from dora_jax.models import torch_names
 from dora_jax.models import vit
 
@@ -156,8 +157,8 @@ def test_other_input_sizes_interpolate_pos_embed_like_pytorch():
 
 def test_pos_embed_interpolation_identity_and_constant():
   pos = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1 + 16, 5)), jnp.float32)
-  assert vit.interpolate_pos_embed(pos, (4, 4)) is pos
-  matrix = vit._bicubic_matrix(14, 7)
+  assert pos_embed.interpolate_pos_embed(pos, (4, 4)) is pos
+  matrix = pos_embed._bicubic_matrix(14, 7)
   np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-12)  # Constants stay constant.
 
 

@@ -43,11 +43,12 @@ def _main(argv) -> None:
   # Imported after jax.distributed: nothing may touch the devices before it.
   from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from dora_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from dora_jax.finetune import checks  # pylint: disable=g-import-not-at-top
   from dora_jax.finetune import train  # pylint: disable=g-import-not-at-top
 
   try:
     results = train.run(cli._CONFIG.value, cli._WORKDIR.value)
-  except (train.ConfigError, checkpoints.CheckpointMismatchError,
+  except (checks.ConfigError, checkpoints.CheckpointMismatchError,
           workdir_lock.WorkdirLockedError) as e:
     cli._fail(str(e), 2)
   except train.NonFiniteLossError as e:
