@@ -123,7 +123,8 @@ def _write_log(error: BaseException | None) -> str | None:
   try:
     with open(path, "a") as f:
       f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
-      f.writelines(line + "\n" for line in _RECORDER.lines)
+      # A copy: background threads (orbax's) may still be logging while this runs.
+      f.writelines(line + "\n" for line in _RECORDER.lines.copy())
       if error is not None:
         f.write("".join(traceback.format_exception(error)))
   except OSError:  # A full disk, say: the one line on stderr is what is left.

@@ -136,7 +136,8 @@ def test_from_torch_matches_numpy_forward(prefix, caplog):
   loaded = {prefix + k: v for k, v in sd.items()}
   # A full DINO checkpoint also holds the head: it is skipped, and the log says so.
   loaded[prefix.replace("backbone.", "") + "head.last_layer.weight_v"] = np.zeros((8, 4))
-  with caplog.at_level(logging.INFO):
+  # The absl logger's own level too: other code (e.g. orbax's quieting) may have raised it.
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     model = vit.from_torch_state_dict(loaded, None, **TINY)
   assert "head.last_layer.weight_v" in caplog.text
   assert model.img_size == IMG  # Read from pos_embed.
