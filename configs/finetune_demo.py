@@ -16,11 +16,12 @@ Arguments (after the colon, comma-separated):
 """
 import ml_collections
 
+from dora_jax.config_base import parse_arg
 from dora_jax.finetune import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_base.parse_arg(arg, full=False, backbone="workdirs/demo")
+  args = parse_arg(arg, full=False, backbone="workdirs/demo")
   c = config_base.get_base_config()
   c.mode = "full" if args.full else "linear"
   c.backbone.path = args.backbone

@@ -15,11 +15,12 @@ a ViT-B.
 """
 import ml_collections
 
+from dora_jax.config_base import parse_arg
 from dora_jax.finetune import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_base.parse_arg(arg, backbone="", train="", val="")
+  args = parse_arg(arg, backbone="", train="", val="")
   c = config_base.get_base_config()
   c.mode = "full"
   c.backbone.path = args.backbone

@@ -20,11 +20,12 @@ For a ViT-B: `blocks=1,avgpool`. Any key can be overridden, e.g. `--config.optim
 """
 import ml_collections
 
+from dora_jax.config_base import parse_arg
 from dora_jax.finetune import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_base.parse_arg(arg, backbone="", train="", val="", blocks=4, avgpool=False)
+  args = parse_arg(arg, backbone="", train="", val="", blocks=4, avgpool=False)
   c = config_base.get_base_config()
   c.mode = "linear"
   c.backbone.path = args.backbone

@@ -6,29 +6,6 @@ start from here.
 import ml_collections
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'backbone=/x,full' -> ConfigDict over `defaults`, values typed like them (configs' ARG).
-
-  A bare name sets a boolean default to True. An unknown name is an error that lists the known ones.
-  """
-  result = ml_collections.ConfigDict(defaults)
-  for part in filter(None, (arg or "").split(",")):
-    name, has_value, value = part.partition("=")
-    name = name.strip()
-    if name not in defaults:
-      raise ValueError(f"unknown config argument {name!r} in {arg!r}; known: {sorted(defaults)}.")
-    default = defaults[name]
-    if isinstance(default, bool):
-      if has_value and value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {name}={value!r}: expected true or false.")
-      result[name] = (not has_value) or value.lower() in ("true", "1")
-    elif not has_value:
-      raise ValueError(f"config argument {name!r} needs a value: {name}=...")
-    else:
-      result[name] = type(default)(value)
-  return result
-
-
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed for the head (and a random backbone), drop path and the data order.
