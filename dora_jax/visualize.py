@@ -15,7 +15,12 @@ from dora_jax import paths
 # Anchors of a perceptually ordered dark-to-bright colour map (close to matplotlib's 'inferno').
 _COLORMAP_ANCHORS = np.array(
     [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float64)
-_MIN_TILE = 128  # Small frames (the demo's 64 px) are enlarged to at least this many pixels.
+# Small frames are enlarged by pixel repetition (patches stay sharp) to at least _MIN_TILE pixels,
+# but at most _MAX_SCALE times: the demo's 64-px frames become 192-px tiles, large enough to see
+# the objects and the masks' patch grid, and a 4-frame picture stays under 900 px wide; smaller
+# frames (the tests' 32 px) show no more when enlarged further, they only make a larger PNG.
+_MIN_TILE = 192
+_MAX_SCALE = 4
 _GAP = 2  # Pixels between tiles.
 _LABEL_WIDTH = 96  # Pixels of the label column on the left.
 
@@ -42,7 +47,8 @@ def heatmap_overlays(frames: np.ndarray, heatmaps: np.ndarray,
   Args:
     frames: (T, H, W, 3) uint8.
     heatmaps: (T, k, H, W) floats; rescaled per object over all frames, so that a fading object
-      looks fainter in later frames.
+      looks fainter in later frames. The colour covers the frame in proportion to the heat, so
+      the frame stays readable where the object is not.
     masks: optional (T, k, H, W) bool, outlined in white.
 
   Returns:
@@ -52,7 +58,8 @@ def heatmap_overlays(frames: np.ndarray, heatmaps: np.ndarray,
   low = heat.min(axis=(0, 2, 3), keepdims=True)
   high = heat.max(axis=(0, 2, 3), keepdims=True)
   heat = (heat - low) / np.maximum(high - low, 1e-12)
-  blended = 0.35 * frames[:, None].astype(np.float64) + 0.65 * colormap(heat)
+  weight = (0.25 + 0.6 * heat)[..., None]
+  blended = (1 - weight) * frames[:, None].astype(np.float64) + weight * colormap(heat)
   overlays = np.round(blended).astype(np.uint8)
   if masks is not None:
     edges = np.vectorize(_outline, signature="(h,w)->(h,w)")(np.asarray(masks, bool))
@@ -87,7 +94,7 @@ def make_picture(frames: np.ndarray, heatmaps: np.ndarray, masked_views: np.ndar
   rows += [("masked view" if num_views == 1 else f"view {v + 1}", masked_views[:, v])
            for v in range(num_views)]
 
-  scale = max(1, -(-_MIN_TILE // min(height, width)))
+  scale = max(1, min(_MAX_SCALE, -(-_MIN_TILE // min(height, width))))
   tile_h, tile_w = height * scale, width * scale
   title_h = 16 if title else 0
   header_h = 14

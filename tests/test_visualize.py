@@ -33,7 +33,7 @@ def test_picture_layout_and_png(tmp_path):
   heat = rng.random((num_frames, k, size, size)).astype(np.float32)
   views = rng.integers(0, 256, (num_frames, 1, size, size, 3), dtype=np.uint8)
   picture = visualize.make_picture(frames, heat, views, heat > 0.5, title="step 1")
-  scale = 128 // size  # Tiles are enlarged to 128 px.
+  scale = 4  # Enlarged towards 192 px, but at most 4x: 128-px tiles.
   rows, tile = 1 + k + 1, size * scale + 2
   assert picture.shape == (16 + 14 + rows * tile, 96 + num_frames * tile, 3)
   # The first frame tile is the frame, enlarged by pixel repetition.
@@ -43,6 +43,13 @@ def test_picture_layout_and_png(tmp_path):
   path = str(tmp_path / "p.png")
   visualize.save_picture(path, picture)
   np.testing.assert_array_equal(np.asarray(Image.open(path)), picture)
+
+
+def test_demo_frames_are_drawn_three_times_larger():
+  frames = np.zeros((2, 64, 64, 3), np.uint8)
+  picture = visualize.make_picture(frames, np.zeros((2, 1, 64, 64)), np.zeros((2, 1, 64, 64, 3),
+                                                                             np.uint8))
+  assert picture.shape == (14 + 3 * (192 + 2), 96 + 2 * (192 + 2), 3)
 
 
 def test_picture_rejects_mismatched_shapes():
