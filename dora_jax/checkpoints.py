@@ -22,6 +22,7 @@ import errno
 import json
 import logging as logging_std
 import os
+import signal
 from typing import Any
 
 from absl import logging
@@ -280,6 +281,34 @@ class Checkpointer:
         raise
       # The failed save was reported; orbax re-raises it while closing, close the rest.
       logging.info("Closing the checkpoint manager after a failed save.", exc_info=True)
+
+
+class Preemption:
+  """SIGTERM (a preempted VM, `scancel`, Ctrl-\\ in a pod) asks the loop to save and stop.
+
+  With several processes jax's preemption service, which handles SIGTERM itself, makes the hosts
+  agree on the step at which all of them save.
+  """
+
+  def __init__(self, checkpointer: Checkpointer):
+    self._checkpointer = checkpointer
+    self._requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    return self._checkpointer.reached_preemption(step)
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _add_small_items(registry: ocp.handlers.DefaultCheckpointHandlerRegistry) -> None:

@@ -15,7 +15,6 @@
 The work folder is locked (`workdir_lock`) for the whole run: a second run on it stops at once.
 """
 import os
-import signal
 import time
 
 from absl import logging
@@ -125,7 +124,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # ---- The loop. ----
   writer = metrics_lib.MetricWriter(workdir, start_step=start_step, total_steps=total_steps,
                                     enabled=is_primary)
-  preemption = _Preemption(checkpointer)
+  preemption = checkpoints_lib.Preemption(checkpointer)
   frames_per_step = config.batch_size * config.data.frames_per_clip
   history = []  # (step, metrics on the device) since the last fetch; fetched in one go.
   last_metrics = {}
@@ -226,34 +225,6 @@ def make_evaluator(config: ml_collections.ConfigDict,
     return periodic.PeriodicEvaluator.from_config(config, demo_tour=demo_tour)
   except (ValueError, OSError) as e:
     raise preflight.ConfigError(str(e).strip().splitlines()[0]) from None
-
-
-class _Preemption:
-  """SIGTERM (a preempted VM, `scancel`, Ctrl-\\ in a pod) asks the loop to save and stop.
-
-  With several processes jax's preemption service, which handles SIGTERM itself, makes the hosts
-  agree on the step at which all of them save.
-  """
-
-  def __init__(self, checkpointer: checkpoints_lib.Checkpointer):
-    self._checkpointer = checkpointer
-    self._requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self._requested
-    return self._checkpointer.reached_preemption(step)
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def with_finite_check(step_fn):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -185,30 +184,6 @@ def make_eval_step(recipe: model_lib.Recipe, graphdef: nnx.GraphDef):
 # ---- 5. Helpers of the loop. ----
 
 
-class _Preemption:
-  """SIGTERM asks the loop to save and stop (with several processes: jax's preemption sync)."""
-
-  def __init__(self, checkpointer: checkpoints_lib.Checkpointer):
-    self._checkpointer = checkpointer
-    self._requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self._requested
-    return self._checkpointer.reached_preemption(step)
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def validate(evaluate, state, sources_val, view_config, config, batch_sharding,
              num_classes: int) -> dict[str, float]:
   """Validation metrics of `state` over the whole validation source."""
@@ -330,7 +305,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # 5. The loop.
   writer = metrics_lib.MetricWriter(workdir, start_step=start_step, total_steps=total_steps,
                                     enabled=is_primary)
-  preemption = _Preemption(checkpointer)
+  preemption = checkpoints_lib.Preemption(checkpointer)
   history = []  # (step, metrics on the device) since the last fetch.
   timer_start, timer_steps = None, 0
   try:
