@@ -78,6 +78,9 @@ _REMAT = flags.DEFINE_list("remat", "false", "model.remat values to time (true/f
 _SCAN = flags.DEFINE_list("scan", "false", "model.scan values to time (true/false).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row (after one untimed step).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the parts of the first setting.")
+_TORCH = flags.DEFINE_bool(
+    "torch", False, "Also time a PyTorch twin of the DoRA keep step (benchmarks/torch_reference.py;"
+    " needs torch), interleaved with the rows.")
 _SIZES = flags.DEFINE_string(
     "model_sizes", "", "Tiny models for dry runs: 'dim,depth,heads,patch' (overrides variant).")
 
@@ -171,10 +174,17 @@ class Row:
     with _head_formula(head):
       step = jax.jit(train_step.make_train_step(config, graphdef, steps_per_epoch=100,
                                                 total_steps=1000), donate_argnums=0)
-      compiled = compilation.compile_step(step, self.state, batch)
-    # XLA's cost analysis counts a scanned loop's body once: no FLOPs for scanned blocks.
+      unrolled = None  # XLA counts a scan's body once: the FLOPs come from the unrolled twin.
+      if config.model.get("scan"):
+        unrolled_config = config.copy_and_resolve_references()
+        unrolled_config.model.scan = False
+        unrolled = jax.jit(train_step.make_train_step(
+            unrolled_config, train_step.abstract_train_state(
+                unrolled_config, steps_per_epoch=100, total_steps=1000)[0],
+            steps_per_epoch=100, total_steps=1000), donate_argnums=0)
+      compiled = compilation.compile_step(step, self.state, batch, unrolled=unrolled)
     self.executable, self.compile_seconds = compiled.executable, compiled.compile_seconds
-    self.flops = None if config.model.get("scan") else compiled.flops
+    self.flops = compiled.flops
     self.memory = _memory(compiled.executable)
     self.times = []
     self.step(timed=False)  # The first run allocates; not timed.
@@ -318,6 +328,16 @@ def main(argv):
                           + (["remat"] if remat_on else []) + (["scan"] if scan_on else []))
           rows.append(Row(name, _config(setting, remat_on, scan_on), batch, head))
           print(f"compiled {name}: {rows[-1].compile_seconds:.1f} s", flush=True)
+  if _TORCH.value:
+    import torch_reference  # pylint: disable=g-import-not-at-top  # torch is optional.
+    config = _config("dora_keep", False, False)
+    rows.append(torch_reference.TorchStep(
+        vit.resolve_size(config.model.variant, **{
+            key: config.model[key] or None for key in ("dim", "depth", "num_heads", "patch_size")}),
+        np.asarray(batch["frames"]), np.asarray(batch["crops"]), _OUT_DIM.value,
+        hidden_dim=config.model.head_hidden_dim, bottleneck_dim=config.model.head_bottleneck_dim,
+        num_objects=config.dora.num_objects))
+    print(f"built {rows[-1].name}", flush=True)
   parts = []
   if _BREAKDOWN.value:
     parts = _parts(_config(_SETTINGS.value[0], False, False), batch)

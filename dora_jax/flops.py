@@ -4,8 +4,9 @@ The FLOPs are XLA's cost analysis of the compiled program (`compiled.cost_analys
 what the partitioned program of one device executes, a (m, k) x (k, n) dot counted as 2 m k n,
 elementwise arithmetic one per element, transcendentals (exp, erf, ...) not at all. So it counts
 what the step does (the backward pass, the teacher, the tracking), not a formula of the model.
-It counts the body of a loop (lax.scan, while) once, whatever the trip count: a program whose
-layers run under a scan (model.scan) is undercounted, and the trainer reports no MFU for it.
+It counts the body of a loop (lax.scan, while) once, whatever the trip count: for a program whose
+layers run under a scan (model.scan), `compilation.compile_step` corrects the count with the
+lowered FLOPs of the unrolled twin (model.scan off, the same computation).
 
 The peak is per device, dense, from the vendors' spec sheets for the kinds in `PEAK_TFLOPS`; on
 the CPU it is measured once with a large matmul (`measure_matmul_peak`), shared by the fake
@@ -44,7 +45,8 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 def compiled_flops(compiled: Any) -> float | None:
   """FLOPs of one run of a compiled program per device (XLA's cost analysis), or None.
 
-  compiled: the result of `jax.jit(f).lower(...).compile()`.
+  compiled: the result of `jax.jit(f).lower(...).compile()` (or of `.lower(...)`: the count
+    of the program before XLA's optimisations and partitioning).
   """
   try:
     analysis = compiled.cost_analysis()

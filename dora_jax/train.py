@@ -83,12 +83,21 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
   # ---- The update: one compile per run (the batch shapes never change), or a cache load. ----
   compilation.enable_cache(config.compilation_cache_dir, workdir)
-  update = jax.jit(
-      with_finite_check(train_step.make_train_step(
-          config, graphdef, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=0)
+  def jit_update(config, graphdef):
+    return jax.jit(
+        with_finite_check(train_step.make_train_step(
+            config, graphdef, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0)
+
+  update = jit_update(config, graphdef)
+  unrolled = None  # With the blocks scanned, the same step unrolled: for its FLOPs only.
+  if config.model.get("scan"):
+    unrolled_config = config.copy_and_resolve_references()
+    unrolled_config.model.scan = False
+    unrolled = jit_update(unrolled_config, train_step.abstract_train_state(
+        unrolled_config, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)[0])
   picture_fn = None
   if config.picture_every_steps:
     picture_fn = jax.jit(train_step.make_visualize_fn(config, graphdef),
@@ -137,7 +146,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
       if compiled is None:  # Compiled (or loaded from the cache) once, timed, with its FLOPs.
-        compiled = compilation.compile_step(update, state, batch)
+        compiled = compilation.compile_step(update, state, batch, unrolled=unrolled,
+                                            loop_shards=mesh.size)
         once["compile_time"] = compiled.compile_seconds
         timer_start = time.perf_counter()
       state, step_metrics = compiled.executable(state, batch)
@@ -179,10 +189,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           if timer_steps:
             last_metrics["step_time"] = elapsed / timer_steps
             last_metrics["frames_per_second"] = frames_per_step * timer_steps / elapsed
-            # XLA's cost analysis counts a loop's body once: under model.scan the FLOPs are
-            # unknown.
-            step_flops = None if config.model.get("scan") else compiled.flops
-            last_metrics.update(flops_lib.rates(step_flops, elapsed / timer_steps, peak))
+            last_metrics.update(flops_lib.rates(compiled.flops, elapsed / timer_steps, peak))
           last_metrics.update(scores)  # The evaluators' numbers join the step's record.
           writer.write_scalars(step, last_metrics)
           timer_start, timer_steps = time.perf_counter(), 0

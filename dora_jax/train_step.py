@@ -133,13 +133,15 @@ def compute_loss(config, dora: objects.DoraOptions | None, graphdef: nnx.GraphDe
   views = found["views"]  # (B, T, V, H, W, 3)
   num_views = views.shape[2]
 
-  masked_logits, _ = student(_flat(views), drop_path_rng=masked_key)
-  masked_logits = masked_logits.reshape(batch_size, frames_per_clip, num_views, -1)
-  local_logits = None
   crops = _local_crops(batch)
-  if crops is not None:
-    local_logits, _ = student(_flat(crops), drop_path_rng=local_key)
+  if crops is None:
+    masked_logits, _ = student(_flat(views), drop_path_rng=masked_key)
+    local_logits = None
+  else:
+    masked_logits, local_logits = student.multi_crop([_flat(views), _flat(crops)],
+                                                     [masked_key, local_key])
     local_logits = local_logits.reshape(crops.shape[:3] + (-1,))
+  masked_logits = masked_logits.reshape(batch_size, frames_per_clip, num_views, -1)
   loss = losses.dino_loss(probs, masked_logits, local_logits,
                           student_temp=config.loss.student_temp)
   aux = dict(
@@ -170,13 +172,16 @@ def _dino_loss(config, teacher: dino.DinoModel, student: dino.DinoModel, center:
   teacher_logits = jax.lax.stop_gradient(teacher_logits).reshape(leading + (-1,))  # (B, T, G, K)
   probs = losses.teacher_targets(teacher_logits, center, teacher_temp)
 
-  student_logits, _ = student(_flat(global_views), drop_path_rng=global_key)
-  student_logits = student_logits.reshape(leading + (-1,))  # (B, T, G, K)
   crops = _local_crops(batch)
-  if crops is not None:
-    local_logits, _ = student(_flat(crops), drop_path_rng=local_key)
+  if crops is None:
+    student_logits, _ = student(_flat(global_views), drop_path_rng=global_key)
+    student_logits = student_logits.reshape(leading + (-1,))  # (B, T, G, K)
+  else:
+    global_logits, local_logits = student.multi_crop([_flat(global_views), _flat(crops)],
+                                                     [global_key, local_key])
     student_logits = jnp.concatenate(
-        [student_logits, local_logits.reshape(crops.shape[:3] + (-1,))], axis=2)  # (B, T, G+M, K)
+        [global_logits.reshape(leading + (-1,)), local_logits.reshape(crops.shape[:3] + (-1,))],
+        axis=2)  # (B, T, G+M, K)
   loss = losses.dino_multicrop_loss(probs, student_logits, student_temp=config.loss.student_temp)
   entropy = losses.entropy(probs)
   zero = jnp.zeros((), jnp.float32)

@@ -202,3 +202,41 @@ def test_build_model_rejects_unknown_dtype_and_variant():
   config.variant = "L/16"
   with pytest.raises(ValueError, match="'L/16'"):
     dino.build_model(config, img_size=224, rngs=nnx.Rngs(0))
+
+
+def test_multi_crop_equals_a_call_per_group_and_its_gradient():
+  """One head call on both groups' [CLS] tokens: the logits and the gradient of a loss on them
+  equal those of one call per group (drop path on, the same keys)."""
+  config = tiny_model_config()
+  model = dino.build_model(config, img_size=16, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  groups = [jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32),
+            jnp.asarray(rng.standard_normal((5, 8, 8, 3)), jnp.float32)]
+  keys = list(jax.random.split(jax.random.PRNGKey(1), 2))
+  weights = [jnp.asarray(rng.standard_normal((3, 12)), jnp.float32),
+             jnp.asarray(rng.standard_normal((5, 12)), jnp.float32)]
+
+  def loss(params, together):
+    model = nnx.merge(graphdef, params)
+    if together:
+      logits = model.multi_crop(groups, keys)
+    else:
+      logits = [model(x, drop_path_rng=key)[0] for x, key in zip(groups, keys)]
+    return sum(jnp.sum(w * jnp.tanh(l)) for w, l in zip(weights, logits)), logits
+
+  (value_1, logits_1), grads_1 = jax.jit(jax.value_and_grad(
+      lambda p: loss(p, True), has_aux=True))(params)
+  (value_2, logits_2), grads_2 = jax.jit(jax.value_and_grad(
+      lambda p: loss(p, False), has_aux=True))(params)
+  assert [l.shape for l in logits_1] == [(3, 12), (5, 12)]
+  for a, b in zip(logits_1, logits_2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value_1, value_2, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads_1, grads_2)
+  # Drop path is really on (a key changes the logits), so the keys were passed to each group.
+  other = nnx.merge(graphdef, params).multi_crop(groups, [None, None])
+  assert not np.allclose(other[0], logits_1[0], atol=1e-4)
+  with pytest.raises(ValueError, match="2 groups but 1 keys"):
+    nnx.merge(graphdef, params).multi_crop(groups, keys[:1])

@@ -6,6 +6,7 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dora_jax.models.head import DINOHead
 from dora_jax.models.vit import VisionTransformer
@@ -28,6 +29,24 @@ class DinoModel(nnx.Module):
     output dict (`cls`, `tokens`, `attn`, `q`, `k`; see `VisionTransformer.__call__`)."""
     out = self.backbone(images, drop_path_rng=drop_path_rng)
     return self.head(out["cls"]), out
+
+  def multi_crop(self, groups: list[jax.Array], drop_path_rngs: list[jax.Array | None]
+                 ) -> list[jax.Array]:
+    """Head logits for groups of images of different sizes, as DINO's MultiCropWrapper: the
+    backbone once per group (one image size each), the head once on all their [CLS] tokens.
+
+    groups: arrays (B_i, H_i, W_i, 3); drop_path_rngs: one key (or None) per group.
+    Returns the logits (B_i, out_dim) of each group, the same numbers as `self(group)` per
+    group (to float32 rounding); one head call instead of one per group saves a pass over the
+    (bottleneck, out_dim) last layer and its gradient.
+    """
+    if len(groups) != len(drop_path_rngs):
+      raise ValueError(f"multi_crop: {len(groups)} groups but {len(drop_path_rngs)} keys.")
+    cls = [self.backbone(images, drop_path_rng=rng)["cls"]
+           for images, rng in zip(groups, drop_path_rngs)]
+    logits = self.head(jnp.concatenate(cls, axis=0))
+    ends = [int(n) for n in np.cumsum([c.shape[0] for c in cls])]
+    return [logits[end - c.shape[0]:end] for end, c in zip(ends, cls)]
 
 
 def compute_dtype(name: str) -> Any:
