@@ -27,7 +27,7 @@ Pillow code on photos and walking-tour frames (benchmarks/view_primitives.py, BE
 uint8 levels: JPEG decode identical (both libjpeg-turbo); resize 0.14 mean / 1 max when
 upscaling (both bilinear at pixel centres), 0.35 mean / 32 max when downscaling (`resize_box`:
 a Gaussian prefilter plus bilinear, as blurred as PIL's triangle filter on average, not equal to
-it: the large differences are single pixels on hard edges; 1.8% of pixels differ by more than 2);
+it: the large differences sit on hard edges; 1.8% of pixels differ by more than 2 levels);
 blur 0.27 mean / 25 max (a true Gaussian cut at 3 sigma, where PIL's GaussianBlur chains box
 blurs); colour matrix 0.04 mean / 1 max (rounding); contrast now uses the exact mean colour, not
 the mean rounded to whole levels. Whole clips of the paper's views: 0.3 mean, 0.5% of pixels by
