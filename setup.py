@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "ott-jax>=0.5",
     "av>=12",
     "pillow>=10",
+    # The views' decode, resize, blur and colour ops (SIMD); IMREAD_COLOR_RGB: checked 4.11, 5.0.
+    "opencv-python-headless>=4.11",
     "numpy>=1.26",
     "absl-py>=2.0",
     "crc32c>=2.4",

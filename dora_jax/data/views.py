@@ -1,12 +1,12 @@
-"""The views of a clip (docs/DESIGN.md step 1), with numpy/PIL, driven only by the rng grain hands in.
+"""The views of a clip (docs/DESIGN.md step 1), numpy/OpenCV, driven only by the rng grain hands in.
 
 DoRA (data.global_crops_per_frame = 1). Per clip: one random-resized "pre" crop box
 (data.global_pre_scale of the frame area, conceptually resized to data.global_pre_size), inside it
 one global box (data.global_scale of the pre-crop) and one horizontal flip, the same for all T
 frames. Per frame: colour jitter (brightness, contrast, saturation, hue in random order, as
-torchvision's ColorJitter), grayscale and Gaussian blur (PIL's, as DINO), each with its
-probability; and M local crops cut from that frame's pre-crop (data.local_scale of the pre-crop
-area), each with its own flip (data.local_flip_prob), jitter, grayscale and blur.
+torchvision's ColorJitter), grayscale and Gaussian blur (as DINO's, sigma ~ data.blur_sigma px),
+each with its probability; and M local crops cut from that frame's pre-crop (data.local_scale of
+the pre-crop area), each with its own flip (data.local_flip_prob), jitter, grayscale and blur.
 
 DINO (data.global_crops_per_frame = 2, as facebookresearch/dino's DataAugmentationDINO): every
 frame is an image with two global crops, each with its own box, flip, jitter and grayscale; the
@@ -18,20 +18,36 @@ and local boxes are then drawn in the whole stored frame, as DINO's RandomResize
 Cost matters (this runs for every clip of every step), so: the two nested crops are composed into
 one box in stored-frame pixels, and every view is a single antialiased resize from the decoded
 JPEG; when every box is much larger than its output the JPEG is decoded at 1/2, 1/4 or 1/8 scale
-(libjpeg's DCT scaling through `Image.draft`); jitter and grayscale, all affine in RGB, become one
-colour matrix per view (computed for all views of the clip at once) applied in one PIL pass.
+(libjpeg's DCT scaling); jitter and grayscale, all affine in RGB, become one colour matrix per
+view (computed for all views of the clip at once) applied in one pass.
+
+The pixel work is OpenCV's (SIMD; one thread per process), which replaced Pillow's: the same
+boxes, flips and random draws from the same rng, but not the same bytes. Measured against the
+Pillow code on photos and walking-tour frames (benchmarks/view_primitives.py, BENCHMARKS.md), in
+uint8 levels: JPEG decode identical (both libjpeg-turbo); resize 0.14 mean / 1 max when
+upscaling (both bilinear at pixel centres), 0.35 mean / 32 max when downscaling (`resize_box`:
+a Gaussian prefilter plus bilinear, as blurred as PIL's triangle filter on average, not equal to
+it: the large differences sit on hard edges; 1.8% of pixels differ by more than 2 levels);
+blur 0.27 mean / 25 max (a true Gaussian cut at 3 sigma, where PIL's GaussianBlur chains box
+blurs); colour matrix 0.04 mean / 1 max (rounding); contrast now uses the exact mean colour, not
+the mean rounded to whole levels. Whole clips of the paper's views: 0.3 mean, 0.5% of pixels by
+more than 2 levels.
 
 Outputs are uint8; normalisation happens on the device. Nothing here imports jax.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
+
+# One thread per process: grain's input workers are one process per core, and in the trainer's
+# process OpenCV's threads would compete with XLA's. At import, so every worker process has it.
+cv2.setNumThreads(1)
 
 Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 
@@ -115,11 +131,6 @@ _HUE_COS = _YIQ_TO_RGB @ np.diag([0.0, 1.0, 1.0]) @ _RGB_TO_YIQ
 _HUE_SIN = _YIQ_TO_RGB @ np.array([[0.0, 0, 0], [0, 0, -1], [0, 1, 0]]) @ _RGB_TO_YIQ
 
 
-def _mean_rgb(image: Image.Image) -> tuple[int, int, int]:
-  """Mean colour of a view, to whole levels (a box-filter reduction to one pixel)."""
-  return image.reduce(image.size).getpixel((0, 0))
-
-
 def jitter_affines(factors: np.ndarray, orders: np.ndarray,
                    means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Colour jitter of V views as affine maps of RGB: (matrices (V, 3, 3), offsets (V, 3)).
@@ -187,31 +198,94 @@ def color_affines(draws: dict[str, np.ndarray], means: np.ndarray) -> np.ndarray
   return np.concatenate([matrices, offsets[..., None]], axis=-1)
 
 
-def _decode(jpeg: bytes, size: tuple[int, int], shrink: float) -> tuple[Image.Image, float]:
-  """The JPEG decoded, at 1/2^k scale when `shrink` allows; (image, stored px per decoded px)."""
-  image = Image.open(io.BytesIO(jpeg), formats=("JPEG",))  # No probing of other formats.
-  height, width = size
-  if shrink >= 2:
-    image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
-  image.load()
-  if image.mode != "RGB":  # Grayscale or CMYK JPEGs.
-    image = image.convert("RGB")
-  return image, width / image.width
+# cv2.imdecode flags for 1/1, 1/2, 1/4, 1/8 scale (libjpeg's DCT scaling), RGB order, and no EXIF
+# rotation (the frames are what dora-convert wrote, as PIL reads them).
+_DECODE_FLAGS = {scale: reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+                 for scale, reduced in ((1, 0), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
+                                        (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                                        (8, cv2.IMREAD_REDUCED_GRAYSCALE_8))}
 
 
-def _view(image: Image.Image, box: Box, factor: float, size: int) -> Image.Image:
-  left, top, w, h = (v / factor for v in box)
-  return image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+def _decode(jpeg: bytes, size: tuple[int, int], shrink: float) -> tuple[np.ndarray, float]:
+  """The JPEG decoded to (h, w, 3) uint8 RGB, at 1/2^k scale when `shrink` >= 2^k (k <= 3);
+  (image, stored px per decoded px).
+
+  (IMREAD_REDUCED_GRAYSCALE_k only selects the scale: with IMREAD_COLOR_RGB the output is RGB.)
+  """
+  scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
+  image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), _DECODE_FLAGS[scale])
+  if image is None:
+    raise ValueError(f"a stored frame ({len(jpeg)} bytes) is not a JPEG that decodes")
+  return image, size[1] / image.shape[1]
 
 
-def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
+def _prefilter(scale: float) -> tuple[int, float]:
+  """The Gaussian that antialiases a downscale by `scale`: (kernel size, sigma); (1, 0) if none.
+
+  PIL's antialiased bilinear weights the input with a triangle of half-width `scale` (variance
+  scale^2 / 6); bilinear interpolation alone adds on average 1/6 px^2 (x(1-x) over the phase x).
+  So the prefilter has variance (scale^2 - 1) / 6: the two together blur as much as PIL's on
+  average. Below 0.5 px^2, a sampled Gaussian has much less variance than its sigma^2, so the
+  3-tap kernel [e, 1, e] / (1 + 2e) is given exactly that variance (2e / (1 + 2e)).
+  """
+  variance = (scale * scale - 1) / 6
+  if variance <= 1e-4:
+    return 1, 0.0
+  if variance < 0.5:
+    e = variance / (2 * (1 - variance))
+    return 3, math.sqrt(-0.5 / math.log(e))
+  sigma = math.sqrt(variance)
+  return 2 * math.ceil(3 * sigma) + 1, sigma
+
+
+def resize_box(image: np.ndarray, box: Box, size: int) -> np.ndarray:
+  """Antialiased bilinear resize of `box` of `image` (h, w, C) uint8 to (size, size, C).
+
+  Output pixel j samples the input at box_left + (j + 0.5) * box_width / size - 0.5 (pixel
+  centres; likewise rows), as PIL's resize with a float box. Upscaling: bilinear interpolation
+  there (PIL's BILINEAR, to OpenCV's 1/32-px rounding). Downscaling by s > 1 along an axis:
+  first a Gaussian prefilter of the box's neighbourhood along that axis (`_prefilter`), so that
+  the result blurs as much as PIL's triangle filter of half-width s on average; it is not that
+  filter (the measured difference is in the module docstring).
+  """
+  left, top, width, height = box
+  scale_x, scale_y = width / size, height / size
+  (ksize_x, sigma_x), (ksize_y, sigma_y) = _prefilter(scale_x), _prefilter(scale_y)
+  # Only the box and what the prefilter and the interpolation reach around it.
+  margin_x, margin_y = ksize_x // 2 + 2, ksize_y // 2 + 2
+  x0, y0 = max(int(left) - margin_x, 0), max(int(top) - margin_y, 0)
+  region = image[y0:min(math.ceil(top + height) + margin_y, image.shape[0]),
+                 x0:min(math.ceil(left + width) + margin_x, image.shape[1])]
+  if ksize_x > 1 or ksize_y > 1:  # (A 1-tap axis ignores its sigma; 0 would mean "derive it".)
+    region = cv2.GaussianBlur(region, (ksize_x, ksize_y), sigmaX=sigma_x or 1.0,
+                              sigmaY=sigma_y or 1.0, borderType=cv2.BORDER_REPLICATE)
+  to_input = np.array([[scale_x, 0.0, left - x0 + 0.5 * scale_x - 0.5],
+                       [0.0, scale_y, top - y0 + 0.5 * scale_y - 0.5]])
+  return cv2.warpAffine(region, to_input, (size, size),
+                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                        borderMode=cv2.BORDER_REPLICATE)
+
+
+def gaussian_blur(view: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian blur of standard deviation `sigma` px (DINO's blur; kernel cut at 3 sigma), edges
+  repeated."""
+  ksize = 2 * math.ceil(3 * sigma) + 1
+  return cv2.GaussianBlur(view, (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
+                          borderType=cv2.BORDER_REPLICATE)
+
+
+# PIL's ImageOps.solarize (DINO's), threshold 128: every level >= 128 inverted.
+_SOLARIZE = np.where(np.arange(256) < 128, np.arange(256), 255 - np.arange(256)).astype(np.uint8)
+
+
+def clip_views(jpegs: Sequence[bytes | Image.Image | np.ndarray], size: tuple[int, int],
                rng: np.random.Generator, config: ViewConfig, *,
                return_boxes: bool = False) -> dict[str, np.ndarray]:
   """The views of one clip.
 
   Args:
-    jpegs: the T frames of the clip, JPEG bytes (or decoded RGB images), all of size
-      `size` = (H, W).
+    jpegs: the T frames of the clip, JPEG bytes (or decoded RGB images: PIL or (H, W, 3) uint8),
+      all of size `size` = (H, W).
     size: (H, W).
     rng: the only source of randomness (grain's per-element generator).
     config: view settings.
@@ -258,44 +332,36 @@ def clip_views(jpegs: Sequence[bytes | Image.Image], size: tuple[int, int],
           for key, value in draws.items()}
   resized = []
   for jpeg, global_t, local_t in zip(jpegs, global_boxes, local_boxes):
-    if isinstance(jpeg, Image.Image):  # Already decoded (the benchmark's reference path).
-      image, factor = jpeg, 1.0
-    else:
+    if isinstance(jpeg, (bytes, bytearray, memoryview)):
       image, factor = _decode(jpeg, size, shrink)
-    resized.extend(_view(image, box, factor, config.global_size) for box in global_t)
-    resized.extend(_view(image, box, factor, config.local_size) for box in local_t)
+    else:  # Already decoded (the benchmark's reference path): a PIL image or an array.
+      image = np.asarray(jpeg.convert("RGB") if isinstance(jpeg, Image.Image) else jpeg)
+      factor = 1.0
+    scaled = lambda box: tuple(v / factor for v in box)
+    resized.extend(resize_box(image, scaled(box), config.global_size) for box in global_t)
+    resized.extend(resize_box(image, scaled(box), config.local_size) for box in local_t)
   touched = flat["jitter"] | flat["gray"]
-  means = np.array([_mean_rgb(v) if j else (0, 0, 0) for v, j in zip(resized, flat["jitter"])],
-                   np.float64)
+  means = np.array([cv2.mean(v)[:3] if j else (0, 0, 0) for v, j in zip(resized, flat["jitter"])])
   affines = color_affines(flat, means)
   global_views = [np.empty((num_frames, config.global_size, config.global_size, 3), np.uint8)
                   for _ in range(num_global)]
   crops = np.empty((num_frames, num_local, config.local_size, config.local_size, 3), np.uint8)
   flips = np.concatenate([global_flips, local_flips], axis=1).reshape(-1)
-  gray, blur, sigma = flat["gray"].tolist(), flat["blur"].tolist(), flat["sigma"].tolist()
+  blur, sigma = flat["blur"].tolist(), flat["sigma"].tolist()
   solarize = flat["solarize"].tolist()
   for index, view in enumerate(resized):
-    if gray[index]:
-      # The three rows of a grayscale view's affine are equal, so its one channel is computed
-      # (same float arithmetic in PIL as each channel of the RGB matrix: bit-identical), blurred
-      # (a third of the cost of an RGB blur) and broadcast to RGB in the copy out.
-      view = view.convert("L", tuple(affines[index, 0].tolist()))
-    elif touched[index]:
-      view = view.convert("RGB", tuple(affines[index].reshape(-1).tolist()))
+    if touched[index]:  # Jitter and grayscale: one affine map per pixel (rounded, clipped).
+      view = cv2.transform(view, affines[index])
     if blur[index]:
-      view = view.filter(ImageFilter.GaussianBlur(radius=sigma[index]))
+      view = gaussian_blur(view, sigma[index])
     if solarize[index]:  # After the blur, as DINO; per pixel, so it commutes with the flip.
-      view = ImageOps.solarize(view)
-    if flips[index]:  # Last: colour ops and the (symmetric) blur commute with it.
-      view = view.transpose(Image.FLIP_LEFT_RIGHT)  # Much cheaper than a reversed numpy copy.
+      view = cv2.LUT(view, _SOLARIZE)
     t, slot = divmod(index, views_per_frame)
     target = global_views[slot][t] if slot < num_global else crops[t, slot - num_global]
-    pixels = np.asarray(view)
-    if gray[index]:
-      for channel in range(3):  # 4x faster than a broadcast pixels[..., None] copy.
-        target[..., channel] = pixels
+    if flips[index]:  # Last: colour ops and the (symmetric) blur commute with it.
+      cv2.flip(view, 1, dst=target)
     else:
-      target[...] = pixels
+      target[...] = view
   out = {"frames": global_views[0]}
   if num_global == 2:
     out["second_frames"] = global_views[1]
