@@ -15,7 +15,10 @@ compiled memory (arguments + temporaries, `compiled.memory_analysis()`) and, on 
 device's peak bytes in use. The last line is `frames/s: X` of the first row.
 
 --head=fused is the head's first formula, x @ (g v / ||v||), patched in for a before/after
-comparison (dora_jax/models/head.py now computes (x v) (g / ||v||), the same numbers).
+comparison (dora_jax/models/head.py now computes (x v) (g / ||v||), the same numbers);
+--head=per_group calls the head once per image size (the student's views, then its crops), as
+before `DinoModel.multi_crop` gave them one call. --torch adds a PyTorch twin of the DoRA keep
+step (benchmarks/torch_reference.py) as one more row.
 
 --breakdown times the parts of the first setting's step as separate jitted functions (teacher
 forward, objects, student forward+backward on the views and the crops, the loss, the optimiser,
@@ -46,6 +49,7 @@ from dora_jax import losses
 from dora_jax import objects
 from dora_jax import schedules
 from dora_jax import train_step
+from dora_jax.models import dino
 from dora_jax.models import head as head_lib
 from dora_jax.models import vit
 
@@ -73,9 +77,11 @@ _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], 
 _SETTINGS = flags.DEFINE_list(
     "settings", "dino,dora_remove,dora_keep",
     f"Steps to time, of {SETTINGS} (dora: the base config's mask mode).")
-_HEAD = flags.DEFINE_list("head", "scaled", "Head formulas: scaled (the code's) and/or fused.")
+_HEAD = flags.DEFINE_list(
+    "head", "scaled", "Head formulas: scaled (the code's), fused (the first formula), per_group "
+    "(the code's formula, a head call per image size).")
 _REMAT = flags.DEFINE_list("remat", "false", "model.remat values to time (true/false).")
-_SCAN = flags.DEFINE_list("scan", "false", "model.scan values to time (true/false).")
+_SCAN = flags.DEFINE_list("scan", "true", "model.scan values to time (true/false).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row (after one untimed step).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the parts of the first setting.")
 _TORCH = flags.DEFINE_bool(
@@ -135,20 +141,29 @@ def _fused_call(self, x):
   return logits.astype(jnp.float32)
 
 
+def _per_group(self, groups, drop_path_rngs):
+  """DinoModel.multi_crop as first written: a head call per group of images."""
+  return [self(images, drop_path_rng=rng)[0] for images, rng in zip(groups, drop_path_rngs)]
+
+
 @contextlib.contextmanager
 def _head_formula(name: str):
-  """Patches DINOHead.__call__ with the fused formula while tracing, for --head=fused."""
+  """Patches the head while tracing: --head=fused, the first formula; --head=per_group, one head
+  call per image size (before the student's views and crops shared one)."""
   if name == "scaled":
     yield
     return
-  if name != "fused":
-    raise ValueError(f"--head: unknown formula {name!r}; expected scaled or fused.")
-  original = head_lib.DINOHead.__call__
-  head_lib.DINOHead.__call__ = _fused_call
+  patches = {"fused": (head_lib.DINOHead, "__call__", _fused_call),
+             "per_group": (dino.DinoModel, "multi_crop", _per_group)}
+  if name not in patches:
+    raise ValueError(f"--head: unknown formula {name!r}; expected scaled, fused or per_group.")
+  owner, attribute, replacement = patches[name]
+  original = getattr(owner, attribute)
+  setattr(owner, attribute, replacement)
   try:
     yield
   finally:
-    head_lib.DINOHead.__call__ = original
+    setattr(owner, attribute, original)
 
 
 def _memory(compiled) -> float | None:
@@ -325,7 +340,8 @@ def main(argv):
         for scan in _SCAN.value:
           remat_on, scan_on = remat.lower() == "true", scan.lower() == "true"
           name = " ".join([setting] + ([f"head={head}"] if len(_HEAD.value) > 1 else [])
-                          + (["remat"] if remat_on else []) + (["scan"] if scan_on else []))
+                          + (["remat"] if remat_on else [])
+                          + ([("scan" if scan_on else "unrolled")] if len(_SCAN.value) > 1 else []))
           rows.append(Row(name, _config(setting, remat_on, scan_on), batch, head))
           print(f"compiled {name}: {rows[-1].compile_seconds:.1f} s", flush=True)
   if _TORCH.value:

@@ -31,7 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.norm_last_layer = False  # Fix the last layer's weight-norm gain at 1.
   c.model.compute_dtype = "float32"  # Matmul dtype: "float32" or "bfloat16" (params stay f32).
   c.model.remat = False  # Recompute ViT blocks in the backward pass (jax.checkpoint): less memory on accelerators.
-  c.model.scan = False  # Run ViT blocks 0..depth-2 under one lax.scan: faster compile, same numbers.
+  c.model.scan = True  # ViT blocks 0..depth-2 under one lax.scan: same numbers, faster compile.
 
   # ---- DoRA object discovery, tracking and masking (ignored when dora.enabled is False). ----
   c.dora = ml_collections.ConfigDict()
