@@ -171,8 +171,9 @@ class TorchStep:
     self.size, self.num_objects = size, num_objects
     mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 1, 3, 1, 1)
-    self.frames = (torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255 - mean) / std
-    crops = torch.from_numpy(crops).permute(0, 1, 2, 5, 3, 4).float() / 255
+    frames = torch.from_numpy(np.array(frames)).permute(0, 1, 4, 2, 3).float() / 255
+    self.frames = (frames - mean) / std
+    crops = torch.from_numpy(np.array(crops)).permute(0, 1, 2, 5, 3, 4).float() / 255
     self.crops = (crops - mean[:, None]) / std[:, None]
     image = frames.shape[2]
     self.student = _Model(size, image, out_dim, hidden_dim, bottleneck_dim, drop_path=0.1)

@@ -41,3 +41,26 @@ def make_tiny_config(**overrides):
 def tiny_config():
   """A factory of fresh tiny configs: `tiny_config(**{"dora.mask_mode": "keep"})`."""
   return make_tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A 40-frame synthetic tour stored at 96x64, for the end-to-end runs of a test file."""
+  from dora_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tour")
+  return synthetic.ensure_demo_data(str(root), num_frames=40, width=96, height=64, short_side=64)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """The environment of dora-train processes: this checkout first on the path, and a compilation
+  cache that every end-to-end run of the session shares (the same program compiles once)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cache = tmp_path_factory.getbasetemp() / "jax_cache_runs"
+  cache.mkdir(exist_ok=True)
+  # LLVM's optimisations double the compile time of these tiny programs and buy nothing here.
+  xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  return dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              XLA_FLAGS=xla_flags.strip(), JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

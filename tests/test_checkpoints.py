@@ -19,21 +19,7 @@ from dora_jax import checkpoint_items
 from dora_jax import checkpoints
 from dora_jax import pretrained
 from dora_jax import sharding
-from test_train import DEMO_CONFIG, ROOT, _dora_train, _flags
-from test_train import data_dir  # pylint: disable=unused-import  (a fixture)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """The environment of dora-train processes (as in test_train.py), with a compilation cache
-  that the end-to-end tests of this file and of test_cli_errors.py share (the same program)."""
-  cache = tmp_path_factory.getbasetemp() / "jax_cache_checkpoint_tests"
-  cache.mkdir(exist_ok=True)
-  xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-              XLA_FLAGS=xla_flags.strip(), JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+from dora_runs import DEMO_CONFIG, demo_flags, start_dora_train
 
 
 def _state(seed: int) -> dict:
@@ -315,9 +301,9 @@ def _flip_bits_everywhere(step_dir):
 
 def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp_path):
   workdir = str(tmp_path / "run")
-  args = ["--config", DEMO_CONFIG, "--workdir", workdir] + _flags(
+  args = ["--config", DEMO_CONFIG, "--workdir", workdir] + demo_flags(
       data_dir, total_steps=8, checkpoint_every_steps=4, picture_every_steps=0)
-  process = _dora_train(args, env)
+  process = start_dora_train(args, env)
   _, stderr = process.communicate(timeout=600)
   assert process.returncode == 0, stderr[-3000:]
   checkpoint_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
@@ -336,7 +322,7 @@ def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp
   # dora-train: 8 bytes flipped in the largest file -> reported, set aside, resumed from step 4.
   record = open(os.path.join(checkpoint_dir, "8", "checksums", checkpoints.CHECKSUMS_FILE)).read()
   _flip_bits(os.path.join(checkpoint_dir, "8"))
-  process = _dora_train(args, env)  # The same command.
+  process = start_dora_train(args, env)  # The same command.
   _, stderr = process.communicate(timeout=600)
   assert process.returncode == 0, stderr[-3000:]
   assert "Traceback" not in stderr

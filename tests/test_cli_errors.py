@@ -16,9 +16,7 @@ from dora_jax import checkpoints
 from dora_jax import main
 from dora_jax import preflight
 from dora_jax import workdir_lock
-from test_checkpoints import env  # pylint: disable=unused-import  (a fixture)
-from test_train import DEMO_CONFIG, ROOT, _config, _flags
-from test_train import data_dir  # pylint: disable=unused-import  (a fixture)
+from dora_runs import DEMO_CONFIG, ROOT, demo_config, demo_flags
 
 
 def _run(args, env, timeout=300):
@@ -63,7 +61,7 @@ def test_unreadable_config_file(config_file, env, tmp_path, text, expected):
 
 
 def test_batch_size_zero_asks_for_a_positive_multiple(data_dir):
-  config = _config(data_dir, batch_size=0)
+  config = demo_config(data_dir, batch_size=0)
   with pytest.raises(preflight.ConfigError) as error:
     preflight.check_config(config)
   assert str(error.value) == ("config batch_size=0: must be a positive multiple of the 4 devices "
@@ -74,7 +72,7 @@ def test_work_folder_in_use(data_dir, env, tmp_path):
   workdir = str(tmp_path / "run")
   with workdir_lock.WorkdirLock(workdir, command="dora-train"):
     returncode, stderr = _run(["--config", DEMO_CONFIG, "--workdir", workdir]
-                              + _flags(data_dir), env)
+                              + demo_flags(data_dir), env)
     assert os.listdir(workdir) == [workdir_lock.LOCK_FILE]  # Nothing written beside it.
   assert returncode == 2
   assert _errors(stderr) == [
@@ -123,7 +121,7 @@ def test_full_disk_during_a_save(data_dir, env, tmp_path):
   workdir = tmp_path / "run"
   checkpoint_dir = workdir / checkpoints.CHECKPOINT_DIR
   checkpoint_dir.mkdir(parents=True)
-  args = ["--config", DEMO_CONFIG, "--workdir", str(workdir)] + _flags(
+  args = ["--config", DEMO_CONFIG, "--workdir", str(workdir)] + demo_flags(
       data_dir, checkpoint_every_steps=4, picture_every_steps=0)
   script_env = dict(env, CHECKPOINTS=str(checkpoint_dir), OUT=str(tmp_path), PYTHON=sys.executable)
   subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",

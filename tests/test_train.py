@@ -4,13 +4,10 @@ Four fake CPU devices (conftest.py); every run is a few steps of a 2-block ViT o
 a small synthetic walking tour, as a real `dora-train` process (the runs share a compilation
 cache). DORA_SLOW_TESTS=1 adds the full demo (its loss must fall) and a two-process run.
 """
-import importlib.util
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -25,111 +22,11 @@ from dora_jax import preflight
 from dora_jax import pretrained
 from dora_jax import train
 from dora_jax import train_step
-from dora_jax.data import synthetic
+from dora_runs import DEMO_CONFIG, ROOT, TINY, demo_config, demo_flags, run_to_end
+from dora_runs import start_dora_train
 
 # Seconds-valued metrics: they differ between two runs of the same steps.
 TIMING_METRICS = ("step_time", "frames_per_second", "tflops", "mfu", "compile_time")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
-
-# The demo config, shrunk: 4 clips of 2 frames (one per device), 32-px frames, 8-px patches.
-TINY = {
-    "data.synthetic": False,
-    "data.frames_per_clip": 2,
-    "data.frame_stride": 3,
-    "data.global_pre_size": 48,
-    "data.global_size": 32,
-    "data.num_local_crops": 1,
-    "data.local_size": 16,
-    "data.num_workers": 0,
-    "model.dim": 32,
-    "model.depth": 2,
-    "model.num_heads": 2,
-    "model.patch_size": 8,
-    "model.out_dim": 128,
-    "model.head_hidden_dim": 64,
-    "model.head_bottleneck_dim": 32,
-    "dora.num_objects": 2,
-    "batch_size": 4,
-    "total_steps": 16,
-    "log_every_steps": 1,
-    "checkpoint_every_steps": 8,
-    "picture_every_steps": 16,
-    "optim.warmup_epochs": 1,
-    # The tracking IoU every 8 steps on the run's own tour (eval.track_data set in _tiny).
-    "eval.every_steps": 8,
-    "eval.track_clips": 2,
-}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """A 40-frame synthetic tour stored at 96x64 (shared by the tests of this file)."""
-  root = tmp_path_factory.mktemp("tour")
-  return synthetic.ensure_demo_data(str(root), num_frames=40, width=96, height=64, short_side=64)
-
-
-def _load_config(path, arg=None):
-  spec = importlib.util.spec_from_file_location("config_under_test", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _set(config, dotted, value):
-  *parents, leaf = dotted.split(".")
-  node = config
-  for parent in parents:
-    node = node[parent]
-  node[leaf] = value
-
-
-def _tiny(data_dir, overrides):
-  """TINY + data.dir + overrides (keyword names may spell '.' as '__')."""
-  return {**TINY, "data.dir": data_dir, "eval.track_data": os.path.dirname(data_dir),
-          **{key.replace("__", "."): value for key, value in overrides.items()}}
-
-
-def _config(data_dir, path=DEMO_CONFIG, arg=None, **overrides):
-  config = _load_config(path, arg)
-  for key, value in _tiny(data_dir, overrides).items():
-    _set(config, key, value)
-  return config
-
-
-def _flags(data_dir, **overrides):
-  """The command-line overrides that turn configs/demo.py into the same tiny config."""
-  return [f"--config.{key}={value}" for key, value in _tiny(data_dir, overrides).items()]
-
-
-def _dora_train(args, env, log=None):
-  """Starts dora-train; its output goes to pipes, or to the file `log` (for runs read later)."""
-  if log is None:
-    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  with open(log, "w") as f:
-    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
-                            stdout=f, stderr=subprocess.STDOUT)
-
-
-def _run_to_end(args, env, timeout=300):
-  process = _dora_train(args, env)
-  _, stderr = process.communicate(timeout=timeout)
-  assert process.returncode == 0, stderr[-3000:]
-  return stderr
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """The environment of dora-train processes: this checkout first on the path, and a compilation
-  cache shared by the runs of this file (same program -> compiled once)."""
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  # LLVM's optimisations double the compile time of these tiny programs and buy nothing here.
-  xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-              XLA_FLAGS=xla_flags.strip(), JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 # The runs below also carry a numeric and a string override, to show that both reach the step.
@@ -152,14 +49,14 @@ def launched(data_dir, env, tmp_path_factory):
   """
   folder = tmp_path_factory.mktemp("runs")
   runs = {
-      "straight": ["--config", DEMO_CONFIG] + _flags(data_dir, **RUN),
-      "dino": ["--config", os.path.join(ROOT, "configs", "dino_vits16_wtours.py")] + _flags(
+      "straight": ["--config", DEMO_CONFIG] + demo_flags(data_dir, **RUN),
+      "dino": ["--config", os.path.join(ROOT, "configs", "dino_vits16_wtours.py")] + demo_flags(
           data_dir, picture_every_steps=0, optim__min_lr="nan", **FSDP),
   }
   started = {}
   for name, args in runs.items():
     workdir, log = str(folder / name), str(folder / f"{name}.log")
-    started[name] = (_dora_train(["--workdir", workdir] + args, env, log=log), workdir, log)
+    started[name] = (start_dora_train(["--workdir", workdir] + args, env, log=log), workdir, log)
   yield started
   for process, _, _ in started.values():
     if process.poll() is None:
@@ -202,8 +99,8 @@ def _without_timing(rows):
 def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tmp_path):
   total = TINY["total_steps"]
   workdir = str(tmp_path / "resumed")
-  args = ["--config", DEMO_CONFIG, "--workdir", workdir] + _flags(data_dir, **RUN)
-  process = _dora_train(args, env)
+  args = ["--config", DEMO_CONFIG, "--workdir", workdir] + demo_flags(data_dir, **RUN)
+  process = start_dora_train(args, env)
   deadline = time.time() + 300
   while process.poll() is None and time.time() < deadline:
     rows = metrics.read_metrics(workdir)
@@ -218,9 +115,9 @@ def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tm
       os.path.join(workdir, checkpoints.CHECKPOINT_DIR)))
   assert total // 2 <= interrupted_at < total, "SIGTERM came too late to interrupt the run"
 
-  _run_to_end(args, env)  # The same command again: resumes.
+  run_to_end(args, env)  # The same command again: resumes.
 
-  config = _config(data_dir, **RUN)
+  config = demo_config(data_dir, **RUN)
   step_a, state_a, data_a = _final_state(straight_run, config)
   step_b, state_b, data_b = _final_state(workdir, config)
   assert step_a == step_b == total and data_a == data_b
@@ -262,7 +159,7 @@ def test_run_logs_and_draws(straight_run):
 def test_demo_learns(env, tmp_path):
   """configs/demo.py as the README runs it: the loss falls, the teacher does not collapse."""
   workdir = str(tmp_path / "demo")
-  _run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir], env, timeout=1200)
+  run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir], env, timeout=1200)
   rows = metrics.read_metrics(workdir)
   losses = np.array([row["loss"] for row in rows])
   assert losses[-5:].mean() < losses[:3].mean() - 0.5
@@ -273,7 +170,7 @@ def test_demo_learns(env, tmp_path):
 def test_overrides_reach_the_step(data_dir, straight_run):
   """optim.base_lr (numeric) and dora.mask_mode (string) came from the command line."""
   rows = metrics.read_metrics(straight_run)
-  config = _config(data_dir, **RUN)
+  config = demo_config(data_dir, **RUN)
   steps_per_epoch, total_steps = preflight.schedule_length(
       config, preflight.prepare_data(config, straight_run)[1].num_clips)
   # The recipe's schedule, in float64: linear warm-up to base_lr * batch / 256, cosine to min_lr.
@@ -295,7 +192,7 @@ def test_checkpoint_of_another_model_stops_the_run(data_dir, straight_run, tmp_p
   shutil.copytree(straight_run, workdir)
   before = _tree(workdir)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="different model"):
-    train.train_and_evaluate(_config(data_dir, **RUN, **{"model.dim": 48}), workdir)
+    train.train_and_evaluate(demo_config(data_dir, **RUN, **{"model.dim": 48}), workdir)
   assert _tree(workdir) == before
 
 
@@ -314,7 +211,7 @@ def test_dino_baseline_runs_the_same_loop_without_tracking(data_dir, dino_run):
   assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in rows)
   assert "8" in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
   # The run's mesh was 2 x 2 and its larger arrays were split over 'fsdp'.
-  config = _config(data_dir, **FSDP)
+  config = demo_config(data_dir, **FSDP)
   _, abstract = train_step.abstract_train_state(config, steps_per_epoch=9, total_steps=16)
   mesh = sharding.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
@@ -355,14 +252,14 @@ def test_bad_input_is_one_line_before_anything(data_dir, tmp_path, overrides, me
   (workdir / "notes.txt").write_text("mine")
   before = _tree(str(workdir))
   with pytest.raises(preflight.ConfigError, match=message) as error:
-    train.train_and_evaluate(_config(data_dir, **overrides), str(workdir))
+    train.train_and_evaluate(demo_config(data_dir, **overrides), str(workdir))
   assert "\n" not in str(error.value)
   assert _tree(str(workdir)) == before
 
 
 def test_data_folder_without_manifest(tmp_path):
   (tmp_path / "empty").mkdir()
-  config = _config(str(tmp_path / "empty"))
+  config = demo_config(str(tmp_path / "empty"))
   with pytest.raises(preflight.ConfigError, match="manifest"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
@@ -371,14 +268,14 @@ def test_data_folder_without_manifest(tmp_path):
 def test_unwritable_workdir(data_dir, tmp_path):
   (tmp_path / "file").write_text("")  # Not a folder: nothing can be created below it, even by root.
   with pytest.raises(preflight.ConfigError, match="is not writable"):
-    train.train_and_evaluate(_config(data_dir), str(tmp_path / "file" / "run"))
+    train.train_and_evaluate(demo_config(data_dir), str(tmp_path / "file" / "run"))
   assert _tree(str(tmp_path)) == [("file", 0)]
 
 
 def test_cli_errors_are_one_line_and_exit_non_zero(data_dir, env, tmp_path):
   workdir = str(tmp_path / "run")
-  process = _dora_train(["--config", DEMO_CONFIG, "--workdir", workdir]
-                        + _flags(data_dir, **{"data.frames_per_clip": 1}), env)
+  process = start_dora_train(["--config", DEMO_CONFIG, "--workdir", workdir]
+                        + demo_flags(data_dir, **{"data.frames_per_clip": 1}), env)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 2
   errors = [line for line in stderr.splitlines() if "error" in line.lower()]
@@ -387,7 +284,7 @@ def test_cli_errors_are_one_line_and_exit_non_zero(data_dir, env, tmp_path):
                     "tracked)."]
   assert not os.path.exists(workdir)
 
-  process = _dora_train(["--config", DEMO_CONFIG, "--workdir", workdir, "--config.optim.base_lrr=1"],
+  process = start_dora_train(["--config", DEMO_CONFIG, "--workdir", workdir, "--config.optim.base_lrr=1"],
                         env)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 2
@@ -398,7 +295,7 @@ def test_cli_errors_are_one_line_and_exit_non_zero(data_dir, env, tmp_path):
 def test_load_backbone_gives_the_trained_teacher(data_dir, straight_run):
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  config = _config(data_dir, **RUN)
+  config = demo_config(data_dir, **RUN)
   _, state, _ = _final_state(straight_run, config)
   backbone = pretrained.load_backbone(straight_run)
   # Its weights are the teacher's of the last checkpoint, bitwise.
@@ -439,9 +336,9 @@ def test_two_processes_equal_one_process(data_dir, env, straight_run, tmp_path):
     process_env = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                        JAX_PROCESS_ID=str(process_id),
                        XLA_FLAGS=env["XLA_FLAGS"].replace("device_count=4", "device_count=2"))
-    processes.append(_dora_train(
+    processes.append(start_dora_train(
         ["--distributed", "--config", DEMO_CONFIG, "--workdir", workdir]
-        + _flags(data_dir, **RUN), process_env))
+        + demo_flags(data_dir, **RUN), process_env))
   for process in processes:
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
@@ -456,7 +353,7 @@ def test_two_processes_equal_one_process(data_dir, env, straight_run, tmp_path):
     for key in got:
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{key} at step {got['step']}")
-  config = _config(data_dir, **RUN)
+  config = demo_config(data_dir, **RUN)
   # This test process is one process: give it the data position of process 0 to restore with.
   shutil.copy(os.path.join(step_dir, "data", "process_0-of-2.json"),
               os.path.join(step_dir, "data", "process_0-of-1.json"))
@@ -484,9 +381,9 @@ def test_sigterm_to_one_of_two_processes_saves_everywhere_and_resumes(data_dir, 
                          JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                          XLA_FLAGS=env["XLA_FLAGS"].replace("device_count=4", "device_count=2"))
       log = str(tmp_path / f"process{process_id}-{port}.log")
-      processes.append((_dora_train(
+      processes.append((start_dora_train(
           ["--distributed", "--config", DEMO_CONFIG, "--workdir", workdir]
-          + _flags(data_dir, total_steps=total_steps, **RUN), process_env, log=log), log))
+          + demo_flags(data_dir, total_steps=total_steps, **RUN), process_env, log=log), log))
     return processes
 
   total = TINY["total_steps"]

@@ -1,0 +1,88 @@
+"""What the end-to-end tests share: the tiny demo config as a config and as command-line flags,
+and `dora-train` started as a process (test_train.py, test_checkpoints.py, test_cli_errors.py)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
+
+# The demo config, shrunk: 4 clips of 2 frames (one per device), 32-px frames, 8-px patches.
+TINY = {
+    "data.synthetic": False,
+    "data.frames_per_clip": 2,
+    "data.frame_stride": 3,
+    "data.global_pre_size": 48,
+    "data.global_size": 32,
+    "data.num_local_crops": 1,
+    "data.local_size": 16,
+    "data.num_workers": 0,
+    "model.dim": 32,
+    "model.depth": 2,
+    "model.num_heads": 2,
+    "model.patch_size": 8,
+    "model.out_dim": 128,
+    "model.head_hidden_dim": 64,
+    "model.head_bottleneck_dim": 32,
+    "dora.num_objects": 2,
+    "batch_size": 4,
+    "total_steps": 16,
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 8,
+    "picture_every_steps": 16,
+    "optim.warmup_epochs": 1,
+    # The tracking IoU every 8 steps on the run's own tour (eval.track_data set in _tiny).
+    "eval.every_steps": 8,
+    "eval.track_clips": 2,
+}
+
+
+def load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location("config_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def set_key(config, dotted, value):
+  *parents, leaf = dotted.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+def tiny_overrides(data_dir, overrides):
+  """TINY + data.dir + overrides (keyword names may spell '.' as '__')."""
+  return {**TINY, "data.dir": data_dir, "eval.track_data": os.path.dirname(data_dir),
+          **{key.replace("__", "."): value for key, value in overrides.items()}}
+
+
+def demo_config(data_dir, path=DEMO_CONFIG, arg=None, **overrides):
+  config = load_config(path, arg)
+  for key, value in tiny_overrides(data_dir, overrides).items():
+    set_key(config, key, value)
+  return config
+
+
+def demo_flags(data_dir, **overrides):
+  """The command-line overrides that turn configs/demo.py into the same tiny config."""
+  return [f"--config.{key}={value}" for key, value in tiny_overrides(data_dir, overrides).items()]
+
+
+def start_dora_train(args, env, log=None):
+  """Starts dora-train; its output goes to pipes, or to the file `log` (for runs read later)."""
+  if log is None:
+    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+                            stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_to_end(args, env, timeout=300):
+  process = start_dora_train(args, env)
+  _, stderr = process.communicate(timeout=timeout)
+  assert process.returncode == 0, stderr[-3000:]
+  return stderr
