@@ -175,7 +175,7 @@ class TorchStep:
     self.frames = (frames - mean) / std
     crops = torch.from_numpy(np.array(crops)).permute(0, 1, 2, 5, 3, 4).float() / 255
     self.crops = (crops - mean[:, None]) / std[:, None]
-    image = frames.shape[2]
+    image = self.frames.shape[-1]
     self.student = _Model(size, image, out_dim, hidden_dim, bottleneck_dim, drop_path=0.1)
     self.teacher = _Model(size, image, out_dim, hidden_dim, bottleneck_dim, drop_path=0.0)
     self.teacher.load_state_dict(self.student.state_dict())

@@ -47,6 +47,7 @@ from dora_jax import config_base
 from dora_jax import flops as flops_lib
 from dora_jax import losses
 from dora_jax import objects
+from dora_jax import optim
 from dora_jax import schedules
 from dora_jax import train_step
 from dora_jax.models import dino
@@ -265,10 +266,10 @@ def _parts(config, batch) -> list[Part]:
   masked_logits = cotangent(b, t, num_views, out_dim)
   local_logits = cotangent(b, t, m, out_dim)
   schedule = schedules.make_schedules(config, steps_per_epoch=100, total_steps=1000)
-  optimizer = train_step.make_optimizer(config, schedule)
+  optimizer = optim.make_optimizer(config, schedule)
 
-  def optimise(params, grads, opt_state):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+  def optimise(params, grads, opt_state, step):
+    updates, opt_state = optimizer.update(grads, opt_state, params, step=step)
     return optax.apply_updates(params, updates), opt_state
 
   parts = [
@@ -284,17 +285,16 @@ def _parts(config, batch) -> list[Part]:
   parts += [
       Part(f"student ViT fwd+bwd, {b * t * num_views} views", backbone_grad, state["student"],
            flat(views), view_cls),
-      Part(f"student head fwd+bwd, {b * t * num_views} views", head_grad, state["student"],
-           view_cls, cotangent(b * t * num_views, out_dim)),
       Part(f"student ViT fwd+bwd, {b * t * m} local crops", backbone_grad, state["student"],
            flat(crops), crop_cls),
-      Part(f"student head fwd+bwd, {b * t * m} local crops", head_grad, state["student"],
-           crop_cls, cotangent(b * t * m, out_dim)),
+      Part(f"student head fwd+bwd, {b * t * (num_views + m)} rows (views and crops)", head_grad,
+           state["student"], jnp.concatenate([view_cls, crop_cls]),
+           cotangent(b * t * (num_views + m), out_dim)),
       Part("DINO loss fwd+bwd", jax.grad(
           lambda ml, ll, p: losses.dino_loss(p, ml, ll, student_temp=0.1), argnums=(0, 1)),
            masked_logits, local_logits, probs),
       Part("optimiser (clip, AdamW)", optimise, state["student"], state["student"],
-           state["opt_state"]),
+           state["opt_state"], state["step"]),
       Part("teacher EMA", lambda t, s: jax.tree.map(lambda a, b: 0.996 * a + 0.004 * b, t, s),
            state["teacher"], state["student"]),
   ]
@@ -356,7 +356,8 @@ def main(argv):
     print(f"built {rows[-1].name}", flush=True)
   parts = []
   if _BREAKDOWN.value:
-    parts = _parts(_config(_SETTINGS.value[0], False, False), batch)
+    parts = _parts(_config(_SETTINGS.value[0], _REMAT.value[0].lower() == "true",
+                           _SCAN.value[0].lower() == "true"), batch)  # The first row's choices.
   _interleave(rows + parts, _STEPS.value)
 
   print(f"\n{'step':<28} {'compile s':>9} {'s/step':>8} {'frames/s':>8} {'GFLOP':>8} "
