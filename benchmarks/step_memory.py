@@ -33,7 +33,7 @@ def main(argv):
   for option in _OPTIONS.value:
     config = config_base.get_base_config()
     config.model.variant = _VARIANT.value
-    config.model.remat = "remat" in option
+    config.model.remat = "full" if "remat" in option else "none"
     config.model.scan = "scan" in option
     config.batch_size = _CLIPS.value
     config.data.frames_per_clip = _FRAMES.value

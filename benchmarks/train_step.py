@@ -81,7 +81,8 @@ _SETTINGS = flags.DEFINE_list(
 _HEAD = flags.DEFINE_list(
     "head", "scaled", "Head formulas: scaled (the code's), fused (the first formula), per_group "
     "(the code's formula, a head call per image size).")
-_REMAT = flags.DEFINE_list("remat", "false", "model.remat values to time (true/false).")
+_REMAT = flags.DEFINE_list("remat", "", "model.remat values to time (none, dots, full; true/false "
+                           "mean full/none); empty: the config's default.")
 _SCAN = flags.DEFINE_list("scan", "true", "model.scan values to time (true/false).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row (after one untimed step).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the parts of the first setting.")
@@ -100,7 +101,7 @@ def _apply_preset() -> None:
       flags.FLAGS[name].parse(value)
 
 
-def _config(setting: str, remat: bool, scan: bool):
+def _config(setting: str, remat: str | None, scan: bool):
   config = config_base.get_base_config()
   config.model.variant = _VARIANT.value
   if _SIZES.value:
@@ -110,10 +111,8 @@ def _config(setting: str, remat: bool, scan: bool):
     config.dora.num_objects = min(config.dora.num_objects, heads)
   config.model.out_dim = _OUT_DIM.value
   config.model.compute_dtype = _DTYPE.value
-  if "remat" in config.model:
-    config.model.remat = remat
-  elif remat:
-    raise ValueError("this checkout has no config.model.remat")
+  if remat is not None:
+    config.model.remat = vit.remat_policy(remat)
   if "scan" in config.model:
     config.model.scan = scan
   elif scan:
@@ -336,17 +335,17 @@ def main(argv):
   rows = []
   for setting in _SETTINGS.value:
     for head in _HEAD.value:
-      for remat in _REMAT.value:
+      for remat in _REMAT.value or [None]:
         for scan in _SCAN.value:
-          remat_on, scan_on = remat.lower() == "true", scan.lower() == "true"
+          scan_on = scan.lower() == "true"
           name = " ".join([setting] + ([f"head={head}"] if len(_HEAD.value) > 1 else [])
-                          + (["remat"] if remat_on else [])
+                          + ([f"remat={vit.remat_policy(remat)}"] if len(_REMAT.value) > 1 else [])
                           + ([("scan" if scan_on else "unrolled")] if len(_SCAN.value) > 1 else []))
-          rows.append(Row(name, _config(setting, remat_on, scan_on), batch, head))
+          rows.append(Row(name, _config(setting, remat, scan_on), batch, head))
           print(f"compiled {name}: {rows[-1].compile_seconds:.1f} s", flush=True)
   if _TORCH.value:
     import torch_reference  # pylint: disable=g-import-not-at-top  # torch is optional.
-    config = _config("dora_keep", False, False)
+    config = _config("dora_keep", None, False)
     rows.append(torch_reference.TorchStep(
         vit.resolve_size(config.model.variant, **{
             key: config.model[key] or None for key in ("dim", "depth", "num_heads", "patch_size")}),
@@ -356,7 +355,7 @@ def main(argv):
     print(f"built {rows[-1].name}", flush=True)
   parts = []
   if _BREAKDOWN.value:
-    parts = _parts(_config(_SETTINGS.value[0], _REMAT.value[0].lower() == "true",
+    parts = _parts(_config(_SETTINGS.value[0], (_REMAT.value or [None])[0],
                            _SCAN.value[0].lower() == "true"), batch)  # The first row's choices.
   _interleave(rows + parts, _STEPS.value)
 

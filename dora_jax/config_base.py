@@ -30,7 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.out_dim = 65536  # Prototypes in the head's weight-normalised last layer.
   c.model.norm_last_layer = False  # Fix the last layer's weight-norm gain at 1.
   c.model.compute_dtype = "float32"  # Matmul dtype: "float32" or "bfloat16" (params stay f32).
-  c.model.remat = False  # Recompute ViT blocks in the backward pass (jax.checkpoint): less memory on accelerators.
+  c.model.remat = "dots"  # What backward recomputes per ViT block: none, dots or full (vit.REMAT_POLICIES).
   c.model.scan = True  # ViT blocks 0..depth-2 under one lax.scan: same numbers, faster compile.
 
   # ---- DoRA object discovery, tracking and masking (ignored when dora.enabled is False). ----
@@ -202,6 +202,7 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, *, image_size: int = 64, width:
   c.model.head_hidden_dim = 4 * width
   c.model.head_bottleneck_dim = width
   c.model.out_dim = 4 * width
+  c.model.remat = "none"  # Too few blocks to scan; unrolled blocks gain nothing from "dots".
   c.dora.num_objects = min(2, num_heads)
   c.data.synthetic = True
   c.data.global_pre_size = image_size * 3 // 2

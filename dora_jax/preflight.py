@@ -21,6 +21,7 @@ from dora_jax import sharding
 from dora_jax import train_step
 from dora_jax.data import pipeline
 from dora_jax.models import dino
+from dora_jax.models import vit
 
 DEMO_DATA_DIR = "demo_data"  # Under the work folder, when config.data.synthetic is set.
 
@@ -59,6 +60,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"{num_processes} processes.")
   try:
     size = dino.model_size(config.model)
+    vit.remat_policy(config.model.get("remat", "none"))
   except ValueError as e:
     raise ConfigError(f"config model: {e}") from None
   if config.dora.enabled:

@@ -15,7 +15,7 @@ from dora_jax.models import vit
 def _model(**options):
   config = config_base.get_base_config().model
   config.update(dict(dim=32, depth=4, num_heads=4, patch_size=8, out_dim=24, head_hidden_dim=32,
-                     head_bottleneck_dim=16, drop_path_rate=0.3, remat=False, scan=False)
+                     head_bottleneck_dim=16, drop_path_rate=0.3, remat="none", scan=False)
                 | options)  # The plain model unless told (the base config scans the blocks).
   return dino.build_model(config, img_size=32, rngs=nnx.Rngs(0))
 
@@ -42,9 +42,11 @@ def plain():
 
 
 @pytest.mark.parametrize("options, primitive", [
-    (dict(remat=True), "remat"),  # jax.checkpoint's primitive.
+    (dict(remat="full"), "remat"),  # jax.checkpoint's primitive.
+    (dict(remat="dots"), "remat"),
     (dict(scan=True), "scan"),
-    (dict(remat=True, scan=True), "scan"),
+    (dict(remat="full", scan=True), "scan"),
+    (dict(remat="dots", scan=True), "scan"),
 ])
 def test_same_outputs_and_gradients(plain, options, primitive):
   plain_jaxpr, plain_outputs, plain_grads = plain
@@ -79,7 +81,8 @@ def test_train_step_with_remat_and_scan_equals_the_plain_step(tiny_config):
   batch = {"frames": rng.integers(0, 256, (4, 2, 32, 32, 3)).astype(np.uint8),
            "crops": rng.integers(0, 256, (4, 2, 2, 16, 16, 3)).astype(np.uint8)}
   results = []
-  for options in ({"model.scan": False}, {"model.remat": True, "model.scan": True}):
+  for options in ({"model.scan": False, "model.remat": "none"},
+                  {"model.remat": "dots", "model.scan": True}):
     config = tiny_config(**{"model.depth": 3, "model.drop_path_rate": 0.2, **options})
     graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0),
                                                   steps_per_epoch=10, total_steps=100)
@@ -90,3 +93,10 @@ def test_train_step_with_remat_and_scan_equals_the_plain_step(tiny_config):
   np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                nnx.to_pure_dict(state["student"]), nnx.to_pure_dict(plain_state["student"]))
+
+
+def test_remat_policy_names_and_bools():
+  assert [vit.remat_policy(v) for v in (True, False, "True", "false", "dots", "FULL", "none")] == [
+      "full", "none", "full", "none", "dots", "full", "none"]
+  with pytest.raises(ValueError, match="model.remat is 'some'; expected one of none, dots, full"):
+    vit.remat_policy("some")

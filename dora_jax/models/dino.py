@@ -82,7 +82,7 @@ def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
   dtype = compute_dtype(model_config.compute_dtype)
   backbone = VisionTransformer(
       model_config.variant, img_size=img_size, drop_path_rate=model_config.drop_path_rate,
-      dtype=dtype, remat=model_config.get("remat", False), scan=model_config.get("scan", False),
+      dtype=dtype, remat=model_config.get("remat", "none"), scan=model_config.get("scan", False),
       rngs=rngs,
       **size_overrides(model_config))
   head = DINOHead(

@@ -190,12 +190,42 @@ class Block(nnx.Module):
     return x, aux
 
 
-def _rematerialised(block: Block, x: jax.Array, rng: jax.Array | None
+# What the backward pass keeps of a block's forward (`model.remat`): "none" everything jax saves,
+# "dots" the outputs of the matmuls with the weights (norms, GELU, softmax and the attention's
+# q k^T and attn v products recomputed), "full" only the block's input.
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(remat: bool | str) -> str:
+  """`config.model.remat` -> one of `REMAT_POLICIES`; True / False (or "true" / "false", as a
+  command line spells them) mean "full" / "none"."""
+  if isinstance(remat, (bool, np.bool_)):
+    return "full" if remat else "none"
+  name = str(remat).lower()
+  if name in ("true", "false"):
+    return "full" if name == "true" else "none"
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat is {remat!r}; expected one of {', '.join(REMAT_POLICIES)} "
+                     "(or a bool: True is full, False none).")
+  return name
+
+
+def _checkpointed(fn, policy: str):
+  """`fn` under jax.checkpoint with `policy` (see REMAT_POLICIES); `fn` itself for "none"."""
+  if policy == "none":
+    return fn
+  saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots"
+              else None)  # None: save nothing but the inputs.
+  return jax.checkpoint(fn, policy=saveable)
+
+
+def _rematerialised(block: Block, x: jax.Array, rng: jax.Array | None, *, policy: str
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`block(x, rng)` under jax.checkpoint, as a pure function of the block's state (nnx.remat
   would write the state back, which fails inside jax.grad of a merged model)."""
   graphdef, state = nnx.split(block)
-  return jax.checkpoint(lambda state, x, rng: nnx.merge(graphdef, state)(x, rng))(state, x, rng)
+  return _checkpointed(lambda state, x, rng: nnx.merge(graphdef, state)(x, rng), policy)(
+      state, x, rng)
 
 
 class VisionTransformer(nnx.Module):
@@ -210,7 +240,7 @@ class VisionTransformer(nnx.Module):
                drop_path_rate: float = 0.0, dtype: Any = jnp.float32,
                dim: int | None = None, depth: int | None = None,
                num_heads: int | None = None, patch_size: int | None = None,
-               remat: bool = False, scan: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, scan: bool = False, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
@@ -222,9 +252,11 @@ class VisionTransformer(nnx.Module):
       dtype: compute dtype of the matmuls (float32 or bfloat16); parameters stay float32, and
         the residual stream, norms and softmax stay float32.
       dim, depth, num_heads, patch_size: override the variant's values.
-      remat: recompute each block's activations in the backward pass instead of keeping them
-        (jax.checkpoint): the same numbers, about one more forward of compute, less activation
-        memory on accelerators (XLA:CPU does not realise the saving; see BENCHMARKS.md).
+      remat: what the backward pass recomputes of each block instead of keeping it
+        (jax.checkpoint; `REMAT_POLICIES`, or True / False for "full" / "none"): the same
+        numbers. "dots" keeps only the weight matmuls' outputs (less memory, a little
+        recompute; on XLA:CPU also faster under `scan`), "full" only each block's input (about
+        one more forward of compute). See BENCHMARKS.md.
       scan: run blocks 0..depth-2 as one `jax.lax.scan` over their parameters, stacked for the
         call (the parameters keep their per-block paths, so checkpoints and PyTorch names do not
         change): the same numbers, one block body to compile instead of depth - 1.
@@ -240,7 +272,7 @@ class VisionTransformer(nnx.Module):
     self.size = size
     self.img_size = img_size
     self.dtype = dtype
-    self.remat = remat
+    self.remat = remat_policy(remat)
     self.scan = scan
     p, d = size.patch_size, size.dim
     fan_in = p * p * 3
@@ -305,8 +337,8 @@ class VisionTransformer(nnx.Module):
     if drop_path_rng is not None:
       block_rngs = list(jax.random.split(drop_path_rng, len(self.blocks)))
     run_block = lambda block, x, rng: block(x, rng)
-    if self.remat:
-      run_block = _rematerialised
+    if self.remat != "none":
+      run_block = lambda block, x, rng: _rematerialised(block, x, rng, policy=self.remat)
     blocks = list(self.blocks)
     # The last block runs on its own: DoRA reads its attention (and the linear probe the [CLS]
     # of the last blocks, which a scan would not return).
@@ -346,8 +378,7 @@ class VisionTransformer(nnx.Module):
       x, _ = nnx.merge(graphdef, state)(x, key, keep_prob)
       return x, None
 
-    if self.remat:
-      body = jax.checkpoint(body)
+    body = _checkpointed(body, self.remat)
     x, _ = jax.lax.scan(body, x, (states, keep, keys))
     return x
 
