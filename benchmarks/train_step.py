@@ -190,9 +190,8 @@ class Row:
       step = jax.jit(train_step.make_train_step(config, graphdef, steps_per_epoch=100,
                                                 total_steps=1000), donate_argnums=0)
       unrolled = None  # XLA counts a scan's body once: the FLOPs come from the unrolled twin.
-      if config.model.get("scan"):
-        unrolled_config = config.copy_and_resolve_references()
-        unrolled_config.model.scan = False
+      unrolled_config = train_step.unrolled_config(config)
+      if unrolled_config is not None:
         unrolled = jax.jit(train_step.make_train_step(
             unrolled_config, train_step.abstract_train_state(
                 unrolled_config, steps_per_epoch=100, total_steps=1000)[0],

@@ -36,7 +36,6 @@ from dora_jax import visualize
 from dora_jax import workdir_lock
 from dora_jax.data import pipeline
 from dora_jax.evaluation import periodic
-from dora_jax.models import dino
 
 PICTURES_DIR = "pictures"
 
@@ -94,9 +93,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
   update = jit_update(config, graphdef)
   unrolled = None  # With the blocks scanned, the same step unrolled: for its FLOPs only.
-  if config.model.get("scan") and dino.model_size(config.model).depth > 2:  # Else no scan.
-    unrolled_config = config.copy_and_resolve_references()
-    unrolled_config.model.scan = False
+  unrolled_config = train_step.unrolled_config(config)
+  if unrolled_config is not None:
     unrolled = jit_update(unrolled_config, train_step.abstract_train_state(
         unrolled_config, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)[0])
   picture_fn = None

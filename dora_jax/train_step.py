@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
@@ -260,6 +261,19 @@ def make_visualize_fn(config, graphdef: nnx.GraphDef) -> Callable[..., dict[str,
     return objects.picture_arrays(dora, teacher.backbone, batch["frames"][:1], rng)
 
   return visualize
+
+
+def unrolled_config(config) -> ml_collections.ConfigDict | None:
+  """`config` with `model.scan` off where its blocks are really scanned (more than 2), else None.
+
+  The same step without the loop: XLA's cost analysis counts a loop's body once, so the FLOPs of
+  a scanned step come from this twin's lowering (`compilation.compile_step(unrolled=...)`).
+  """
+  if not config.model.get("scan") or dino.model_size(config.model).depth <= 2:
+    return None
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.scan = False
+  return unrolled
 
 
 def abstract_train_state(config, *, steps_per_epoch: int,

@@ -45,8 +45,7 @@ class DinoModel(nnx.Module):
     cls = [self.backbone(images, drop_path_rng=rng)["cls"]
            for images, rng in zip(groups, drop_path_rngs)]
     logits = self.head(jnp.concatenate(cls, axis=0))
-    ends = [int(n) for n in np.cumsum([c.shape[0] for c in cls])]
-    return [logits[end - c.shape[0]:end] for end, c in zip(ends, cls)]
+    return jnp.split(logits, np.cumsum([c.shape[0] for c in cls])[:-1])
 
 
 def compute_dtype(name: str) -> Any:
