@@ -34,7 +34,12 @@ if (( dry_run )); then
   SLURM_NTASKS=${SLURM_NTASKS:-2}
   first_node=${SLURM_JOB_NODELIST%%[*}$(sed -E 's/.*\[([0-9]+).*/\1/' <<< "$SLURM_JOB_NODELIST")
 else
-  first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # All of scontrol's output read, then the first line: `| head -n 1` can end scontrol with
+  # SIGPIPE, which pipefail turns into a failed script (exit 141).
+  mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  [[ ${#nodes[@]} -gt 0 ]] || {
+    echo "slurm_gpu.sh: scontrol show hostnames gave no node for $SLURM_JOB_NODELIST" >&2; exit 1; }
+  first_node=${nodes[0]}
   # Activate the environment that has `pip install -e .` of this repository and jax[cuda12].
   if [[ -n "${DORA_VENV:-}" ]]; then
     # shellcheck disable=SC1091
