@@ -35,7 +35,8 @@ run() {  # Prints a command, and runs it unless this is the dry run.
 cuda_extra() {
   if [[ -n "${JAX_CUDA:-}" ]]; then echo "$JAX_CUDA"; return; fi
   local version
-  version=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1)
+  # sed prints the first match and quits (no `| head`: its SIGPIPE would fail the pipeline).
+  version=$(nvidia-smi 2>/dev/null | sed -n '/CUDA Version/{s/.*CUDA Version: *\([0-9]*\).*/\1/p;q;}' || true)
   if [[ "${version:-0}" -ge 13 ]]; then echo cuda13; else echo cuda12; fi
 }
 
