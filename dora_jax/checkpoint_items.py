@@ -42,7 +42,20 @@ def _data_state_file(directory: epath.Path, process_index: int, process_count: i
   return directory / f"process_{process_index}-of-{process_count}.json"
 
 
-class DataStateHandler(ocp.CheckpointHandler):
+class _SmallItemHandler(ocp.CheckpointHandler):
+  """A small JSON item: no metadata, nothing to finalise or close (subclasses save/restore)."""
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class DataStateHandler(_SmallItemHandler):
   """Saves each process's input-iterator state (a JSON-able dict) beside the arrays.
 
   Every process writes its own file: the hosts read different clips, so their positions differ.
@@ -63,15 +76,6 @@ class DataStateHandler(ocp.CheckpointHandler):
           f"{path} does not exist (the checkpoint holds {written}): resume with the number of "
           f"processes that wrote it.")
     return _read_json(path)
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
@@ -99,7 +103,7 @@ def _read_json(path: epath.Path) -> Any:
 # ---- Checksums of the saved arrays: a small JSON item beside `state` and `data`. ----
 
 
-class ChecksumsHandler(ocp.CheckpointHandler):
+class ChecksumsHandler(_SmallItemHandler):
   """Writes (process 0) and reads the record of `array_record`."""
 
   def save(self, directory: epath.Path, args: "ChecksumsSave") -> None:
@@ -114,15 +118,6 @@ class ChecksumsHandler(ocp.CheckpointHandler):
     if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
       raise _DamagedFile(f"{directory.name}/{CHECKSUMS_FILE} holds no array checksums")
     return record
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
 
 
 @ocp.args.register_with_handler(ChecksumsHandler, for_save=True)

@@ -18,6 +18,7 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from dora_jax import config_base  # pylint: disable=g-import-not-at-top
+from dora_runs import set_key  # pylint: disable=g-import-not-at-top
 
 
 def make_tiny_config(**overrides):
@@ -29,11 +30,7 @@ def make_tiny_config(**overrides):
   config.data.frames_per_clip = 2
   config.batch_size = 4
   for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    set_key(config, dotted, value)
   return config
 
 

@@ -31,6 +31,7 @@ from dora_jax.finetune import demo_data
 from dora_jax.finetune import model as model_lib
 from dora_jax.finetune import train
 from dora_jax.models import vit
+from dora_runs import set_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("blue", "green", "red")  # Sorted: the labels are 0, 1, 2.
@@ -111,11 +112,7 @@ def _config(images, backbone, mode, **overrides):
   c.optim.warmup_epochs = 0 if mode == "linear" else 0.5
   c.optim.weight_decay = 0.0 if mode == "linear" else 0.05
   for key, value in overrides.items():
-    *parents, leaf = key.split("__")
-    node = c
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+    set_key(c, key.replace("__", "."), value)
   return c
 
 
