@@ -40,11 +40,11 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "dora-convert=dora_jax.data.convert:main",
-            "dora-train=dora_jax.main:main",
-            "dora-eval=dora_jax.eval_main:main",
-            "dora-export=dora_jax.export_main:main",
-            "dora-finetune=dora_jax.finetune.main:main",
+            "dora-convert=dora_jax.cli.convert:main",
+            "dora-train=dora_jax.cli.train:main",
+            "dora-eval=dora_jax.cli.eval:main",
+            "dora-export=dora_jax.cli.export:main",
+            "dora-finetune=dora_jax.cli.finetune:main",
         ],
     },
 )

@@ -27,8 +27,8 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dora_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dora_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from dora_jax import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dora_jax.trainer import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main() -> None:

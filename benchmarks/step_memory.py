@@ -11,9 +11,9 @@ from absl import app
 from absl import flags
 import jax
 
-from dora_jax import compilation
 from dora_jax import config_base
-from dora_jax import train_step
+from dora_jax.trainer import compilation
+from dora_jax.trainer import step as train_step
 
 _VARIANT = flags.DEFINE_string("variant", "B/16", "ViT variant.")
 _CLIPS = flags.DEFINE_integer("clips", 4, "Clips per step.")

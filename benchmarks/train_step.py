@@ -10,7 +10,7 @@ Each row is one setting (DoRA keep / remove, DINO) with one head formula and one
 choice, compiled once (through `compilation.compile_step`, which also gives XLA's FLOPs of the
 step) and then run `--steps` times, the rows taking turns step by step, so that all of them see
 the same load on a shared machine. It reports median seconds per step, frames/s, TFLOP/s and MFU
-(XLA's FLOPs of the compiled step per device over the device's peak, `dora_jax.flops`), XLA's
+(XLA's FLOPs of the compiled step per device over the device's peak, `dora_jax.trainer.flops`), XLA's
 compiled memory (arguments + temporaries, `compiled.memory_analysis()`) and, on accelerators, the
 device's peak bytes in use. The last line is `frames/s: X` of the first row.
 
@@ -42,17 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dora_jax import compilation
 from dora_jax import config_base
-from dora_jax import flops as flops_lib
 from dora_jax import losses
-from dora_jax import objects
-from dora_jax import optim
-from dora_jax import schedules
-from dora_jax import train_step
 from dora_jax.models import dino
 from dora_jax.models import head as head_lib
 from dora_jax.models import vit
+from dora_jax import objects
+from dora_jax.trainer import compilation
+from dora_jax.trainer import flops as flops_lib
+from dora_jax.trainer import optim
+from dora_jax.trainer import schedules
+from dora_jax.trainer import step as train_step
 
 PRESETS = {
     # Issue 9's measurement on the 2-core VM, beside the public PyTorch code (0.74 frames/s).

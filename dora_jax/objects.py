@@ -14,8 +14,8 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from dora_jax import tracking
 from dora_jax.models import vit
+from dora_jax import tracking
 
 MASK_MODES = typing.get_args(tracking.MaskMode)
 

@@ -19,13 +19,13 @@ mkdir -p "$out"
 common=(--config configs/demo.py --config.total_steps="$steps" --config.picture_every_steps=0)
 # DoRA: the demo as it is. DINO: config_base.dino_baseline of the same config (frames as images,
 # two global crops, pairs of different views) with the batch in images equal to DoRA's frames.
-"$python" -m dora_jax.main "${common[@]}" --workdir "$out/dora"
+"$python" -m dora_jax.cli.train "${common[@]}" --workdir "$out/dora"
 frames=$("$python" -c "
 import importlib.util
 spec = importlib.util.spec_from_file_location('demo', 'configs/demo.py')
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 c = module.get_config(); print(c.batch_size * c.data.frames_per_clip)")
-"$python" -m dora_jax.main "${common[@]}" --workdir "$out/dino" --config.dora.enabled=False \
+"$python" -m dora_jax.cli.train "${common[@]}" --workdir "$out/dino" --config.dora.enabled=False \
   --config.data.frames_per_clip=1 --config.data.frame_stride=1 --config.data.global_pre_size=0 \
   --config.data.global_crops_per_frame=2 --config.data.global_blur_prob=1.0 \
   --config.data.second_global_blur_prob=0.1 --config.data.second_global_solarize_prob=0.2 \
@@ -33,12 +33,12 @@ c = module.get_config(); print(c.batch_size * c.data.frames_per_clip)")
 
 for method in dora dino; do
   run="$out/$method"
-  "$python" -m dora_jax.eval_main knn --checkpoint "$run" --out "$run/eval" --no-progress \
+  "$python" -m dora_jax.cli.eval knn --checkpoint "$run" --out "$run/eval" --no-progress \
     --train "$out/eval_data/knn/train" --val "$out/eval_data/knn/val" --resize-size 64 \
     --crop-size 64
-  "$python" -m dora_jax.eval_main davis --checkpoint "$run" --out "$run/eval/davis" \
+  "$python" -m dora_jax.cli.eval davis --checkpoint "$run" --out "$run/eval/davis" \
     --no-progress --data "$out/eval_data/DAVIS" --short-side 64 --size-multiple 8
-  "$python" -m dora_jax.eval_main track --checkpoint "$run" --out "$run/eval" --no-progress \
+  "$python" -m dora_jax.cli.eval track --checkpoint "$run" --out "$run/eval" --no-progress \
     --data "$out/eval_data/tour" --short-side 64 --clips 16 --frames-per-clip 4 \
     --frame-stride 6 --num-objects 2
 done

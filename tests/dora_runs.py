@@ -74,10 +74,10 @@ def demo_flags(data_dir, **overrides):
 def start_dora_train(args, env, log=None):
   """Starts dora-train; its output goes to pipes, or to the file `log` (for runs read later)."""
   if log is None:
-    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "dora_jax.cli.train"] + args, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   with open(log, "w") as f:
-    return subprocess.Popen([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "dora_jax.cli.train"] + args, cwd=ROOT, env=env,
                             stdout=f, stderr=subprocess.STDOUT)
 
 

@@ -15,10 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dora_jax import checkpoint_items
-from dora_jax import checkpoints
 from dora_jax import pretrained
-from dora_jax import sharding
+from dora_jax.trainer import checkpoint_items
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import sharding
 from dora_runs import DEMO_CONFIG, demo_flags, start_dora_train
 
 

@@ -1,6 +1,6 @@
 """dora-train's failures a user can cause: one line on stderr, a non-zero status, no traceback.
 
-Each test runs `python -m dora_jax.main` as a process. The full-disk test mounts a small tmpfs
+Each test runs `python -m dora_jax.cli.train` as a process. The full-disk test mounts a small tmpfs
 under the work folder in a user namespace (`unshare`), where the system allows it.
 """
 import os
@@ -12,16 +12,16 @@ import sys
 
 import pytest
 
-from dora_jax import checkpoints
-from dora_jax import main
-from dora_jax import preflight
-from dora_jax import workdir_lock
+from dora_jax.cli import train as main
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import lock as workdir_lock
+from dora_jax.trainer import preflight
 from dora_runs import DEMO_CONFIG, ROOT, demo_config, demo_flags
 
 
 def _run(args, env, timeout=300):
   """(return code, stderr) of dora-train with `args`."""
-  process = subprocess.run([sys.executable, "-m", "dora_jax.main"] + args, cwd=ROOT, env=env,
+  process = subprocess.run([sys.executable, "-m", "dora_jax.cli.train"] + args, cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=timeout)
   return process.returncode, process.stderr
@@ -96,15 +96,15 @@ def _can_mount_tmpfs(tmp_path):
 _FULL_DISK_SCRIPT = r"""
 set -u
 mount -t tmpfs -o size=64m tmpfs "$CHECKPOINTS"
-"$PYTHON" -m dora_jax.main "$@" --config.total_steps=4 > /dev/null 2> "$OUT/first.err"
+"$PYTHON" -m dora_jax.cli.train "$@" --config.total_steps=4 > /dev/null 2> "$OUT/first.err"
 echo $? > "$OUT/first.rc"
 used=$(df -k --output=used "$CHECKPOINTS" | tail -n 1)
 mount -o remount,size=$((used * 3 / 2))k "$CHECKPOINTS"  # Room for half a checkpoint more.
-"$PYTHON" -m dora_jax.main "$@" --config.total_steps=8 > /dev/null 2> "$OUT/full.err"
+"$PYTHON" -m dora_jax.cli.train "$@" --config.total_steps=8 > /dev/null 2> "$OUT/full.err"
 echo $? > "$OUT/full.rc"
 ls "$CHECKPOINTS" > "$OUT/full.ls"
 mount -o remount,size=64m "$CHECKPOINTS"  # Space freed.
-"$PYTHON" -m dora_jax.main "$@" --config.total_steps=8 > /dev/null 2> "$OUT/again.err"
+"$PYTHON" -m dora_jax.cli.train "$@" --config.total_steps=8 > /dev/null 2> "$OUT/again.err"
 echo $? > "$OUT/again.rc"
 ls "$CHECKPOINTS" > "$OUT/again.ls"
 """

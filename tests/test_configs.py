@@ -9,7 +9,7 @@ from ml_collections import config_flags
 import pytest
 
 from dora_jax import config_base
-from dora_jax import preflight
+from dora_jax.trainer import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = ("configs/dora_vits16_wtours.py", "configs/dino_vits16_wtours.py", "configs/demo.py")

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from dora_jax.cli import convert as convert_cli
 from dora_jax.data import convert
 from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import source
@@ -137,7 +138,7 @@ def test_bad_inputs_give_one_line_errors_and_the_other_videos_are_converted(vide
   out = str(tmp_path / "shards")
 
   bad = [missing, text, truncated, cut_faststart, no_frames]
-  status = convert.main([missing, text, good, truncated, cut_faststart, no_frames, "--out", out,
+  status = convert_cli.main([missing, text, good, truncated, cut_faststart, no_frames, "--out", out,
                          "--no-progress"])
   assert status == 1
   errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -155,14 +156,14 @@ def test_output_folder_of_another_dataset_or_options_is_refused(video, tmp_path,
   out = tmp_path / "other"
   out.mkdir()
   (out / "manifest.json").write_text(json.dumps({"name": "imagenet", "splits": []}))
-  assert convert.main([video, "--out", str(out), "--no-progress"]) == 2
+  assert convert_cli.main([video, "--out", str(out), "--no-progress"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "manifest.json" in err and "another dataset" in err
 
   mine = str(tmp_path / "mine")
-  assert convert.main([video, "--out", mine, "--no-progress", "--short-side", "32"]) == 0
+  assert convert_cli.main([video, "--out", mine, "--no-progress", "--short-side", "32"]) == 0
   capsys.readouterr()
-  assert convert.main([video, "--out", mine, "--no-progress", "--short-side", "48"]) == 2
+  assert convert_cli.main([video, "--out", mine, "--no-progress", "--short-side", "48"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "other --out folder" in err
 
@@ -174,7 +175,7 @@ def test_rerun_repairs_shards_cut_short_or_failing_a_crc(video, tmp_path):
   pristine = {n: open(os.path.join(out, n), "rb").read() for n in names}
 
   def rerun(*flags):
-    return convert.main([video, "--out", out, "--frames-per-shard", "8", "--no-progress", *flags])
+    return convert_cli.main([video, "--out", out, "--frames-per-shard", "8", "--no-progress", *flags])
 
   os.remove(os.path.join(out, names[0] + tfrecord.INDEX_SUFFIX))  # Index lost: rebuilt.
   with open(os.path.join(out, names[2]), "r+b") as f:  # Cut short: converted again from there.
@@ -280,7 +281,7 @@ def test_verify_repairs_every_damage_and_says_what_it_rewrote(video, pristine, t
   args = [video, "--out", out, "--frames-per-shard", "8", "--no-progress"]
   capsys.readouterr()
   for flags in ([], ["--verify"]):
-    assert convert.main(args + flags) == 0
+    assert convert_cli.main(args + flags) == 0
     report = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("tour:")]
     if plain_repairs or flags:
       assert _files(out) == expected, flags  # Shards, indexes and manifest as converted.
@@ -313,7 +314,7 @@ def test_unusable_output_folders_are_one_line_errors(video, tmp_path, capsys, mo
     cases[str(read_only)] = "cannot hold the shards"
   try:
     for out, message in cases.items():
-      assert convert.main([video, "--out", out, "--no-progress"]) == 2
+      assert convert_cli.main([video, "--out", out, "--no-progress"]) == 2
       captured = capsys.readouterr()
       assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
       assert f"--out '{out}'" in captured.err and message in captured.err
@@ -327,7 +328,7 @@ def test_unusable_output_folders_are_one_line_errors(video, tmp_path, capsys, mo
 
   monkeypatch.setattr(tfrecord.TFRecordWriter, "write", full)
   out = str(tmp_path / "shards")
-  assert convert.main([video, "--out", out, "--no-progress"]) == 2
+  assert convert_cli.main([video, "--out", out, "--no-progress"]) == 2
   captured = capsys.readouterr()
   assert captured.err.count("\n") == 1 and "No space left on device" in captured.err
   assert not [n for n in os.listdir(out) if ".tfrecord" in n]  # Nothing half-written left.

@@ -8,13 +8,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dora_jax import checkpoints
-from dora_jax import eval_main
-from dora_jax import pretrained
-from dora_jax import train_step
+from dora_jax.cli import eval as eval_main
 from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
 from dora_jax.evaluation import track
+from dora_jax import pretrained
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dora_jax import checkpoints
-from dora_jax import pretrained
-from dora_jax import export
-from dora_jax import export_main
-from dora_jax import torch_checkpoint
-from dora_jax import train_step
+from dora_jax.cli import export as export_main
 from dora_jax.models import vit
+from dora_jax import pretrained
+from dora_jax.pretrained import export
+from dora_jax.pretrained import torch_checkpoint
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, DEPTH, HEADS, PATCH, IMG = 32, 2, 4, 4, 16

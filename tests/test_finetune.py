@@ -19,11 +19,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dora_jax import checkpoints
-from dora_jax import pretrained
-from dora_jax import export
-from dora_jax import metrics
-from dora_jax import sharding
 from dora_jax.finetune import checks
 from dora_jax.finetune import config_base
 from dora_jax.finetune import data as data_lib
@@ -31,6 +26,11 @@ from dora_jax.finetune import demo_data
 from dora_jax.finetune import model as model_lib
 from dora_jax.finetune import train
 from dora_jax.models import vit
+from dora_jax import pretrained
+from dora_jax.pretrained import export
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import metrics
+from dora_jax.trainer import sharding
 from dora_runs import set_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -403,7 +403,7 @@ def test_command_line_error(backbone, tmp_path):
   """dora-finetune names itself and the fine-tuning config keys in its one-line errors."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   process = subprocess.run(
-      [sys.executable, "-m", "dora_jax.finetune.main", "--config",
+      [sys.executable, "-m", "dora_jax.cli.finetune", "--config",
        os.path.join(ROOT, "configs", "finetune_linear.py"), "--workdir", str(tmp_path / "w"),
        "--config.optim.base_lrr=1"], capture_output=True, text=True, env=env, timeout=120)
   assert process.returncode == 2
@@ -454,8 +454,8 @@ def test_demo_commands(tmp_path):
   env.pop("XLA_FLAGS", None)  # One CPU device, as on a laptop.
   pretrain = str(tmp_path / "demo")
   for module, config, workdir in (
-      ("dora_jax.main", "configs/demo.py", pretrain),
-      ("dora_jax.finetune.main", f"configs/finetune_demo.py:backbone={pretrain}",
+      ("dora_jax.cli.train", "configs/demo.py", pretrain),
+      ("dora_jax.cli.finetune", f"configs/finetune_demo.py:backbone={pretrain}",
        str(tmp_path / "finetune"))):
     process = subprocess.run([sys.executable, "-m", module, "--config", config, "--workdir",
                               workdir], cwd=ROOT, env=env, capture_output=True, text=True,

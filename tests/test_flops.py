@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dora_jax import compilation
-from dora_jax import flops
+from dora_jax.trainer import compilation
+from dora_jax.trainer import flops
 
 
 def test_compiled_flops_of_a_matmul_is_2mkn():
@@ -71,8 +71,8 @@ def test_flops_of_a_scanned_step_are_those_of_the_unrolled_step(tiny_config):
   batch sharded over the 4 fake devices (XLA's counts are per device). Width 128: the blocks'
   matmuls dominate, as in real models (at width 32 the replicated per-trip work, e.g. the
   scanned parameters' gradient sums, is ~5% of the count and the estimate ~5% short)."""
-  from dora_jax import sharding  # pylint: disable=g-import-not-at-top
-  from dora_jax import train_step  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import sharding  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(tiny_config().mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   rng = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
-from dora_jax import checkpoints
-from dora_jax import sharding
-from dora_jax import train_step
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import sharding
+from dora_jax.trainer import step as train_step
 
 STEPS_PER_EPOCH, TOTAL_STEPS, MIN_SIZE = 10, 100, 1024
 

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from dora_jax import metrics
+from dora_jax.trainer import metrics
 
 
 def test_metric_writer_jsonl_tensorboard_and_resume_truncation(tmp_path):

@@ -6,8 +6,8 @@ import optax
 import pytest
 
 from dora_jax import config_base
-from dora_jax import optim
-from dora_jax import schedules
+from dora_jax.trainer import optim
+from dora_jax.trainer import schedules
 
 FREEZE_STEPS = 4
 MAX_NORM = 3.0

@@ -17,16 +17,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dora_jax import checkpoints
 from dora_jax import config_base
-from dora_jax import metrics
-from dora_jax import paths
-from dora_jax import preflight
-from dora_jax import pretrained
-from dora_jax import visualize
 from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import pipeline
 from dora_jax.data import synthetic
+from dora_jax import paths
+from dora_jax.pretrained import backbone as pretrained_backbone
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import metrics
+from dora_jax.trainer import pictures
+from dora_jax.trainer import preflight
 
 BUCKET = "gs://bucket"
 
@@ -88,10 +88,10 @@ def test_metrics_config_and_pictures_in_a_bucket(tmp_path, monkeypatch):
     checkpoints.write_config(workdir, config)
     assert checkpoints.read_config(workdir).model.variant == config.model.variant
     picture = np.zeros((8, 8, 3), np.uint8)
-    visualize.save_picture(paths.join(workdir, "p.png"), picture)
+    pictures.save_picture(paths.join(workdir, "p.png"), picture)
     # A run folder and its checkpoints/STEP folders are recognised on a URL too.
-    assert pretrained._resolve_run(workdir) == (workdir, workdir + "/checkpoints", None)
-    assert pretrained._resolve_run(workdir + "/checkpoints/7") == (
+    assert pretrained_backbone._resolve_run(workdir) == (workdir, workdir + "/checkpoints", None)
+    assert pretrained_backbone._resolve_run(workdir + "/checkpoints/7") == (
         workdir, workdir + "/checkpoints", 7)
     with pytest.raises(preflight.ConfigError, match="must be local"):
       preflight.data_config_for(ml_collections.ConfigDict(

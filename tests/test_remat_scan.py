@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from dora_jax import config_base
-from dora_jax import train_step
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax.trainer import step as train_step
 
 
 def _model(**options):

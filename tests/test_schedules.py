@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dora_jax import config_base
-from dora_jax import schedules
+from dora_jax.trainer import schedules
 
 
 def test_schedules_follow_the_recipe():

@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dora_jax import sharding
+from dora_jax.trainer import sharding
 
 
 def _mesh_config(data=-1, fsdp=1):

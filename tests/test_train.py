@@ -15,13 +15,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dora_jax import checkpoints
-from dora_jax import metrics
-from dora_jax import sharding
-from dora_jax import preflight
 from dora_jax import pretrained
-from dora_jax import train
-from dora_jax import train_step
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import metrics
+from dora_jax.trainer import preflight
+from dora_jax.trainer import sharding
+from dora_jax.trainer import step as train_step
+from dora_jax.trainer import train
 from dora_runs import DEMO_CONFIG, ROOT, TINY, demo_config, demo_flags, run_to_end
 from dora_runs import start_dora_train
 

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from conftest import make_tiny_config
-from dora_jax import optim
-from dora_jax import schedules
-from dora_jax import train_step
 from dora_jax.models import vit
+from dora_jax.trainer import optim
+from dora_jax.trainer import schedules
+from dora_jax.trainer import step as train_step
 
 STEPS_PER_EPOCH = 10
 TOTAL_STEPS = 100

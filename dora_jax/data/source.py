@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dora_jax import paths
 from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import tfrecord
+from dora_jax import paths
 
 def _open_shards(data_dir: str, video: dict[str, Any]) -> list[tfrecord.ShardReader]:
   """Readers of the shards of a manifest entry, checked from file sizes and indexes only.

@@ -25,11 +25,11 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from dora_jax.models import dino
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import image_sources
 from dora_jax.evaluation import knn as knn_lib
 from dora_jax.evaluation import track as track_lib
+from dora_jax.models import dino
 
 DEMO_TOUR = "demo"  # eval.track_data value: the run's own synthetic tour (data.synthetic).
 

@@ -25,9 +25,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dora_jax import objects
 from dora_jax.data import synthetic
 from dora_jax.evaluation import features as features_lib
+from dora_jax import objects
 
 BACKBONE_OUTPUTS = ("attn", "q", "k", "tokens")
 

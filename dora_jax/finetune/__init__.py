@@ -5,5 +5,4 @@
   model        features of the backbone, the linear head, the two optimisers (SGD, AdamW + LLRD)
   train        the loop (checks, mesh, jitted steps, restore, loop with validation)
   demo_data    the CPU demo's labelled crops of synthetic walking tours
-  main         the command line
 """

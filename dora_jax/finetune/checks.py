@@ -9,11 +9,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from dora_jax import preflight
-from dora_jax import sharding as sharding_lib
 from dora_jax.finetune import data as data_lib
 from dora_jax.finetune import model as model_lib
 from dora_jax.models import dino
+from dora_jax.trainer import preflight
+from dora_jax.trainer import sharding as sharding_lib
 
 
 DEMO_IMAGES_DIR = "demo_images"  # Under the work folder: the demo's generated image folders.

@@ -33,17 +33,17 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dora_jax import checkpoints as checkpoints_lib
-from dora_jax import export
-from dora_jax import metrics as metrics_lib
-from dora_jax.models import dino
-from dora_jax import pretrained
-from dora_jax import sharding as sharding_lib
-from dora_jax import workdir_lock
 from dora_jax.finetune import checks
 from dora_jax.finetune import data as data_lib
 from dora_jax.finetune import model as model_lib
+from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax import pretrained
+from dora_jax.pretrained import export
+from dora_jax.trainer import checkpoints as checkpoints_lib
+from dora_jax.trainer import lock as workdir_lock
+from dora_jax.trainer import metrics as metrics_lib
+from dora_jax.trainer import sharding as sharding_lib
 
 CONFIG_FILE = "finetune_config.json"  # Not config.json: this folder is no dora-train run.
 RESULTS_FILE = "results.json"

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.models.head import DINOHead
-from dora_jax.models.vit import VisionTransformer
 from dora_jax.models.vit import ViTSize
+from dora_jax.models.vit import VisionTransformer
 from dora_jax.models.vit import resolve_size
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -17,7 +17,7 @@ from absl import logging
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from dora_jax import flops as flops_lib
+from dora_jax.trainer import flops as flops_lib
 
 CACHE_SUBDIR = "jax_cache"
 # Programs that compile faster than this are not written to the cache (jax's default is 1 s;

@@ -35,21 +35,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dora_jax import paths
-from dora_jax.checkpoint_items import CHECKSUMS_FILE
-from dora_jax.checkpoint_items import CheckpointMismatchError
-from dora_jax.checkpoint_items import ChecksumsHandler
-from dora_jax.checkpoint_items import ChecksumsRestore
-from dora_jax.checkpoint_items import ChecksumsSave
-from dora_jax.checkpoint_items import DataStateHandler
-from dora_jax.checkpoint_items import DataStateRestore
-from dora_jax.checkpoint_items import DataStateSave
-from dora_jax.checkpoint_items import _DamagedFile
-from dora_jax.checkpoint_items import _differing_arrays
-from dora_jax.checkpoint_items import _first_line
-from dora_jax.checkpoint_items import _record_shapes
-from dora_jax.checkpoint_items import array_record
-from dora_jax.checkpoint_items import describe_mismatch
-from dora_jax.checkpoint_items import flat_shapes
+from dora_jax.trainer.checkpoint_items import CHECKSUMS_FILE
+from dora_jax.trainer.checkpoint_items import CheckpointMismatchError
+from dora_jax.trainer.checkpoint_items import ChecksumsHandler
+from dora_jax.trainer.checkpoint_items import ChecksumsRestore
+from dora_jax.trainer.checkpoint_items import ChecksumsSave
+from dora_jax.trainer.checkpoint_items import DataStateHandler
+from dora_jax.trainer.checkpoint_items import DataStateRestore
+from dora_jax.trainer.checkpoint_items import DataStateSave
+from dora_jax.trainer.checkpoint_items import _DamagedFile
+from dora_jax.trainer.checkpoint_items import _differing_arrays
+from dora_jax.trainer.checkpoint_items import _first_line
+from dora_jax.trainer.checkpoint_items import _record_shapes
+from dora_jax.trainer.checkpoint_items import array_record
+from dora_jax.trainer.checkpoint_items import describe_mismatch
+from dora_jax.trainer.checkpoint_items import flat_shapes
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"

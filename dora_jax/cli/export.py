@@ -27,9 +27,9 @@ import shutil
 import sys
 from typing import Sequence
 
-from dora_jax import export
-from dora_jax import torch_checkpoint
 from dora_jax.models import vit
+from dora_jax.pretrained import export
+from dora_jax.pretrained import torch_checkpoint
 
 _MAX_LISTED = 3  # Mismatching names shown in an error line.
 
@@ -82,7 +82,7 @@ def import_torch_checkpoint(file: str, out_dir: str, *, variant: str, key: str |
 
 def _run_step(path: str) -> int | None:
   """The checkpoint step `load_backbone(path)` reads: STEP of a step folder, else the latest."""
-  from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)
   if os.path.basename(path).isdigit():
@@ -94,7 +94,7 @@ def _run_step(path: str) -> int | None:
 
 def export_run(checkpoint: str, out_dir: str, *, torch_out: str | None = None) -> dict:
   """The teacher backbone of a `dora-train` run -> `out_dir` (and a `.pth` state dict)."""
-  from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
   from dora_jax import pretrained  # pylint: disable=g-import-not-at-top
 
   out_dir = export.check_new_folder(out_dir)

@@ -7,19 +7,13 @@ module only reads: it restores the teacher's parameters from an orbax checkpoint
 import os
 
 import jax
-from flax import nnx
 import orbax.checkpoint as ocp
 
-from dora_jax import checkpoint_items
-from dora_jax import checkpoints
-from dora_jax import export
 from dora_jax import paths
-from dora_jax import train_step
-
-
-def teacher_backbone(graphdef: nnx.GraphDef, state: train_step.TrainState) -> nnx.Module:
-  """The teacher's ViT of a train state, as a module callable on images."""
-  return nnx.merge(graphdef, state["teacher"], state["constants"]).backbone
+from dora_jax.pretrained import export
+from dora_jax.trainer import checkpoint_items
+from dora_jax.trainer import checkpoints
+from dora_jax.trainer import step as train_step
 
 
 def _resolve_run(path: str) -> tuple[str, str, int | None]:
@@ -85,4 +79,4 @@ def load_backbone(path: str):
       partial_restore=True)))
   manager.close()
   state = dict(abstract_state, teacher=restored["state"]["teacher"])
-  return teacher_backbone(graphdef, state)
+  return train_step.teacher_backbone(graphdef, state)

@@ -6,14 +6,14 @@ r"""`dora-finetune`: a linear probe or full fine-tuning of a trained backbone, a
 
 Every config key can be overridden with --config.KEY=VALUE (see dora_jax/finetune/config_base.py).
 Running the same command again in the same work folder resumes from its latest checkpoint. The
-flags and their one-line errors are dora-train's (`dora_jax.main`), under this program's name.
+flags and their one-line errors are dora-train's (`dora_jax.cli.train`), under this program's name.
 """
 import os
 
 from absl import app
 from absl import logging
 
-from dora_jax import main as cli
+from dora_jax.cli import train as cli
 
 PROGRAM = "dora-finetune"
 CONFIG_KEYS_FILE = "dora_jax/finetune/config_base.py"
@@ -41,8 +41,8 @@ def _main(argv) -> None:
               if variable in os.environ}
     jax.distributed.initialize(**counts)
   # Imported after jax.distributed: nothing may touch the devices before it.
-  from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from dora_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import lock as workdir_lock  # pylint: disable=g-import-not-at-top
   from dora_jax.finetune import checks  # pylint: disable=g-import-not-at-top
   from dora_jax.finetune import train  # pylint: disable=g-import-not-at-top
 

@@ -22,11 +22,11 @@ import optax
 from flax import nnx
 
 from dora_jax import losses
-from dora_jax import objects
-from dora_jax import optim
-from dora_jax import schedules as schedules_lib
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax import objects
+from dora_jax.trainer import optim
+from dora_jax.trainer import schedules as schedules_lib
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -289,3 +289,8 @@ def abstract_train_state(config, *, steps_per_epoch: int,
 
   abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   return graphdefs[0], abstract_state
+
+
+def teacher_backbone(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+  """The teacher's ViT of a train state, as a module callable on images."""
+  return nnx.merge(graphdef, state["teacher"], state["constants"]).backbone

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dora_jax import schedules as schedules_lib
+from dora_jax.trainer import schedules as schedules_lib
 
 BODY, LAST_LAYER = "body", "last_layer"
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # PyTorch's AdamW defaults, as the reference.

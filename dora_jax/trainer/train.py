@@ -23,19 +23,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dora_jax import checkpoints as checkpoints_lib
-from dora_jax import compilation
-from dora_jax import flops as flops_lib
-from dora_jax import metrics as metrics_lib
-from dora_jax import paths
-from dora_jax import preflight
-from dora_jax import pretrained
-from dora_jax import sharding as sharding_lib
-from dora_jax import train_step
-from dora_jax import visualize
-from dora_jax import workdir_lock
 from dora_jax.data import pipeline
 from dora_jax.evaluation import periodic
+from dora_jax import paths
+from dora_jax.trainer import checkpoints as checkpoints_lib
+from dora_jax.trainer import compilation
+from dora_jax.trainer import flops as flops_lib
+from dora_jax.trainer import lock as workdir_lock
+from dora_jax.trainer import metrics as metrics_lib
+from dora_jax.trainer import pictures
+from dora_jax.trainer import preflight
+from dora_jax.trainer import sharding as sharding_lib
+from dora_jax.trainer import step as train_step
 
 PICTURES_DIR = "pictures"
 
@@ -160,7 +159,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       scores = {}
       if evaluator.due(step, total_steps):  # Every process runs it, on its own devices.
         evaluation_start = time.perf_counter()
-        scores = evaluator.run(pretrained.teacher_backbone(graphdef, state), step)
+        scores = evaluator.run(train_step.teacher_backbone(graphdef, state), step)
         timer_start += time.perf_counter() - evaluation_start  # Not train-step time.
         writer.message(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
       if log_now or save_now:
@@ -260,11 +259,11 @@ def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, dict] | Non
 
 def _write_picture(workdir: str, step: int, arrays: dict[str, np.ndarray],
                    writer: metrics_lib.MetricWriter) -> str:
-  picture = visualize.make_picture(
+  picture = pictures.make_picture(
       arrays["frames"], arrays["heatmaps"], arrays["masked_views"], arrays.get("masks"),
       title=f"step {step}")
   paths.makedirs(paths.join(workdir, PICTURES_DIR))
   path = paths.join(workdir, PICTURES_DIR, f"step_{step:07d}.png")
-  visualize.save_picture(path, picture)
+  pictures.save_picture(path, picture)
   writer.write_image(step, "tracking", picture)
   return path

@@ -16,12 +16,12 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
-from dora_jax import paths
-from dora_jax import sharding
-from dora_jax import train_step
 from dora_jax.data import pipeline
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax import paths
+from dora_jax.trainer import sharding
+from dora_jax.trainer import step as train_step
 
 DEMO_DATA_DIR = "demo_data"  # Under the work folder, when config.data.synthetic is set.
 

@@ -50,7 +50,7 @@ CONFIG_KEYS_FILE = "dora_jax/config_base.py"
 LOG_FILE = "dora-train.log"  # In the work folder: the tracebacks of unexpected failures.
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # dora_jax/
 
 
 def _from_library(record: logging_std.LogRecord) -> bool:
@@ -232,10 +232,10 @@ def _main(argv) -> None:
               if variable in os.environ}
     jax.distributed.initialize(**counts)
   # Imported after jax.distributed: nothing may touch the devices before it.
-  from dora_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from dora_jax import preflight  # pylint: disable=g-import-not-at-top
-  from dora_jax import train  # pylint: disable=g-import-not-at-top
-  from dora_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import preflight  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import train  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import lock as workdir_lock  # pylint: disable=g-import-not-at-top
 
   logging.info("JAX %s: process %d of %d, %d devices (%d local).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),

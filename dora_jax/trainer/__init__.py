@@ -1,0 +1,14 @@
+"""The trainer: what turns a config and a data folder into checkpoints.
+
+  train             `train_and_evaluate`: DoRA/DINO pretraining, read top to bottom.
+  step              the train state, the loss of a batch, the jitted update.
+  preflight         every check before anything is written or compiled; the run plan.
+  optim, schedules  AdamW with the decay mask and the frozen last layer; per-step schedules.
+  checkpoints       orbax save/restore with verified fallback (+ `checkpoint_items`).
+  lock              one run per work folder.
+  sharding          the ('data', 'fsdp') mesh, the state's and the batch's shardings.
+  metrics           metrics.jsonl, TensorBoard, the progress bar.
+  compilation       the persistent compilation cache and the timed compile of the step.
+  flops             a compiled program's FLOPs, the devices' peaks, MFU.
+  pictures          the tracking picture (numpy/PIL).
+"""
