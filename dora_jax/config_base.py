@@ -4,6 +4,9 @@ The defaults are the paper's run (DoRA ViT-S/16 on WT-Venice; docs/DESIGN.md has
 Config files in `configs/` start from `get_base_config()` and change only what differs, parse
 their `:ARG` with `parse_arg`, and shrink for CPU smoke runs with `shrink_for_cpu`.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -124,6 +127,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
   c.compilation_cache_dir = ""  # Compiled-step cache: "" $JAX_COMPILATION_CACHE_DIR or WORKDIR/jax_cache, "none" off, or a folder.
   return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(ARG)` of a config file given as 'configs/x.py[:ARG]' (config_flags' form).
+
+  Raises:
+    ValueError: the file does not exist or has no get_config (one line).
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path} does not exist (expected configs/NAME.py[:ARG]).")
+  module_spec = importlib.util.spec_from_file_location("dora_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config(arg).")
+  return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

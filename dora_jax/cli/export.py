@@ -13,6 +13,11 @@ teacher's backbone, optionally also as a PyTorch state dict under DINO's names, 
   dora-export --checkpoint /ckpt/dora_vits16_venice --out exported/venice \
       --torch-out exported/venice_vits16.pth
 
+The untrained encoder of a config, as the trainer initialises it with that seed (the teacher at
+step 0): the random-encoder baseline of an experiment, evaluated like any trained one:
+
+  dora-export --init configs/demo.py --seed 0 --out exported/demo_random_s0
+
 Then `dora_jax.pretrained.load_backbone("exported/venice")` returns the ViT. Everything is written
 under temporary names and renamed when complete; on any error (one line, exit status 2) nothing
 is written.
@@ -132,6 +137,34 @@ def export_run(checkpoint: str, out_dir: str, *, torch_out: str | None = None) -
   return description
 
 
+def export_init(config_spec: str, out_dir: str, *, seed: int | None = None) -> dict:
+  """The teacher backbone of `config_spec` at initialisation (step 0, never trained) -> out_dir."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dora_jax import config_base  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top
+
+  out_dir = export.check_new_folder(out_dir)
+  try:
+    config = config_base.load_config_file(config_spec)
+  except ValueError as e:
+    raise _Error(str(e)) from None
+  seed = config.seed if seed is None else seed
+  # As the trainer initialises a run: one compiled init from PRNGKey(seed).
+  graphdef, _ = train_step.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
+  state = jax.jit(lambda rng: train_step.init_train_state(
+      config, rng=rng, steps_per_epoch=1, total_steps=1)[1])(jax.random.PRNGKey(seed))
+  backbone = train_step.teacher_backbone(graphdef, state)
+  tmp_dir = export.temporary_sibling(out_dir, folder=True)
+  try:
+    description = export.write_exported(backbone, tmp_dir, {
+        "kind": "init", "config": config_spec, "seed": int(seed), "step": 0})
+    os.rename(tmp_dir, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
+  return description
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="dora-export", description=__doc__.split("\n\n")[0],
@@ -142,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="A PyTorch DINO/DoRA backbone or training checkpoint to import.")
   source.add_argument("--checkpoint", metavar="PATH",
                       help="A dora-train work folder (latest checkpoint) or its checkpoints/STEP.")
+  source.add_argument("--init", metavar="CONFIG[:ARG]",
+                      help="A config file: its encoder as initialised, never trained.")
+  parser.add_argument("--seed", type=int,
+                      help="With --init: the initialisation's seed (default: the config's).")
   parser.add_argument("--out", required=True, metavar="DIR",
                       help="The exported folder to write (must not exist).")
   parser.add_argument("--key", help="With --torch-checkpoint: the training checkpoint's entry "
@@ -160,6 +197,8 @@ def _run(args: argparse.Namespace) -> int:
   sizes = {key: getattr(args, key) for key in ("dim", "depth", "num_heads", "patch_size")
            if getattr(args, key) is not None}
   try:
+    if args.seed is not None and not args.init:
+      raise _Error("--seed goes with --init.")
     if args.torch_checkpoint:
       if args.torch_out:
         raise _Error("--torch-out goes with --checkpoint (a run); the --torch-checkpoint file "
@@ -168,6 +207,11 @@ def _run(args: argparse.Namespace) -> int:
         raise _Error(f"--torch-checkpoint needs --variant (one of {', '.join(vit.VARIANTS)}).")
       description = import_torch_checkpoint(args.torch_checkpoint, args.out,
                                             variant=args.variant, key=args.key, sizes=sizes)
+    elif args.init:
+      if args.key or args.variant or sizes or args.torch_out:
+        raise _Error("--key, --variant, the size flags and --torch-out do not go with --init; "
+                     "the config describes the model.")
+      description = export_init(args.init, args.out, seed=args.seed)
     else:
       if args.key or args.variant or sizes:
         raise _Error("--key, --variant and the size flags go with --torch-checkpoint; a run's "

@@ -28,7 +28,11 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASS_NAMES = ("ball", "box", "kite")  # Circle with rings, square with checks, triangle with stripes.
+# Object kinds: shape and texture define a kind, colours are drawn per object. ball: circle with
+# rings, box: square with checks, kite: triangle with diagonal stripes, star: five-pointed star
+# with dots, ring: annulus with radial sectors, cross: plus sign with horizontal bars. Tours use
+# the first `num_classes` (3 by default: the demo's).
+CLASS_NAMES = ("ball", "box", "kite", "star", "ring", "cross")
 _PANORAMA_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "coins")
 
 
@@ -52,29 +56,59 @@ def _panorama(height: int) -> Image.Image:
   return panorama
 
 
-def _sprite(class_id: int, size: int, rng: np.random.Generator) -> Image.Image:
-  """An RGBA object of class `class_id`, `size` px square, with a class-specific texture."""
-  colours = rng.integers(30, 226, size=(2, 3))
+def _texture(class_id: int, size: int) -> np.ndarray:
+  """The class's two-tone pattern (size, size) of 0/1."""
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
   if class_id == 0:  # ball: concentric rings.
-    pattern = (np.hypot(xx - 0.5, yy - 0.5) * 12).astype(int) % 2
-  elif class_id == 1:  # box: checkerboard.
-    pattern = ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2
-  else:  # kite: diagonal stripes.
-    pattern = ((xx + yy) * 8).astype(int) % 2
-  rgb = np.where(pattern[..., None] == 1, colours[0], colours[1]).astype(np.uint8)
+    return (np.hypot(xx - 0.5, yy - 0.5) * 12).astype(int) % 2
+  if class_id == 1:  # box: checkerboard.
+    return ((xx * 6).astype(int) + (yy * 6).astype(int)) % 2
+  if class_id == 2:  # kite: diagonal stripes.
+    return ((xx + yy) * 8).astype(int) % 2
+  if class_id == 3:  # star: a grid of dots.
+    return (np.hypot((xx * 7) % 1 - 0.5, (yy * 7) % 1 - 0.5) < 0.3).astype(int)
+  if class_id == 4:  # ring: radial sectors.
+    return (((np.arctan2(yy - 0.5, xx - 0.5) + np.pi) / (2 * np.pi) * 12).astype(int) % 2)
+  return (yy * 10).astype(int) % 2  # cross: horizontal bars.
+
+
+def _silhouette(class_id: int, size: int) -> Image.Image:
+  """The class's shape as an 'L' mask (255 inside), size x size."""
   alpha = Image.new("L", (size, size), 0)
   draw = ImageDraw.Draw(alpha)
   margin = size * 0.04
+  centre = size / 2
   if class_id == 0:
     draw.ellipse([margin, margin, size - margin, size - margin], fill=255)
   elif class_id == 1:
     draw.rectangle([size * 0.12, size * 0.12, size * 0.88, size * 0.88], fill=255)
-  else:
+  elif class_id == 2:
     draw.polygon([(size / 2, margin), (size - margin, size - margin), (margin, size - margin)],
                  fill=255)
+  elif class_id == 3:
+    angles = np.pi / 2 + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, centre - margin, (centre - margin) * 0.45)
+    draw.polygon([(centre + r * np.cos(a), centre - r * np.sin(a)) for r, a in zip(radii, angles)],
+                 fill=255)
+  elif class_id == 4:
+    draw.ellipse([margin, margin, size - margin, size - margin], fill=255)
+    inner = size * 0.3
+    draw.ellipse([inner, inner, size - inner, size - inner], fill=0)
+  else:
+    arm = size * 0.18
+    draw.rectangle([centre - arm, margin, centre + arm, size - margin], fill=255)
+    draw.rectangle([margin, centre - arm, size - margin, centre + arm], fill=255)
+  return alpha
+
+
+def _sprite(class_id: int, size: int, rng: np.random.Generator) -> Image.Image:
+  """An RGBA object of class `class_id`, `size` px square: the class's shape and texture in two
+  colours drawn from `rng`."""
+  colours = rng.integers(30, 226, size=(2, 3))
+  pattern = _texture(class_id, size)
+  rgb = np.where(pattern[..., None] == 1, colours[0], colours[1]).astype(np.uint8)
   sprite = Image.fromarray(rgb).convert("RGBA")
-  sprite.putalpha(alpha)
+  sprite.putalpha(_silhouette(class_id, size))
   return sprite
 
 
@@ -88,15 +122,16 @@ def _bounce(start: np.ndarray, velocity: np.ndarray, t: float, low: np.ndarray,
 
 def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 320,
                           height: int = 180, fps: float = 30, num_objects: int = 4, seed: int = 0,
-                          blank_frames: Sequence[int] = (), crf: int = 18,
+                          num_classes: int = 3, blank_frames: Sequence[int] = (), crf: int = 18,
                           gop: int | None = None) -> dict[str, Any]:
   """Writes a synthetic walking tour to `path_mp4` (H.264) and its masks to `*.masks.npz`.
 
   Args:
     path_mp4: the video to write; the masks go to the same name with `.masks.npz`.
     num_frames, width, height, fps: the video (width and height even, for yuv420p).
-    num_objects: K moving objects, classes drawn from `CLASS_NAMES` (all classes appear when
-      K >= 3).
+    num_objects: K moving objects, of the first `num_classes` kinds of `CLASS_NAMES` in turn
+      (all of them appear when K >= num_classes).
+    num_classes: object kinds used, 1 to len(CLASS_NAMES).
     seed: everything random comes from `np.random.default_rng(seed)`.
     blank_frames: frame indices rendered as a constant grey (to test blank-frame dropping).
     crf, gop: H.264 quality and keyframe interval (None: the encoder's default, 250).
@@ -109,6 +144,8 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
     raise ValueError(f"width and height must be even and >= 16 for H.264, got {width}x{height}")
   if num_frames < 1 or num_objects < 0:
     raise ValueError(f"need num_frames >= 1 and num_objects >= 0, got {num_frames}, {num_objects}")
+  if not 1 <= num_classes <= len(CLASS_NAMES):
+    raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
   rng = np.random.default_rng(seed)
   pano_height = int(round(height * 1.6))
   panorama = _panorama(pano_height)
@@ -126,7 +163,7 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
   cx = np.clip(cx, view_w / 2, panorama.width - view_w / 2)  # The window stays on the panorama.
 
   # Objects: class, texture, size, bouncing path, spin and a depth that oscillates.
-  classes = np.array([i % len(CLASS_NAMES) for i in range(num_objects)], np.int64)
+  classes = np.array([i % num_classes for i in range(num_objects)], np.int64)
   classes = rng.permutation(classes)
   base_size = rng.uniform(0.28, 0.42, size=num_objects) * height
   sprites = [_sprite(int(c), max(8, int(round(2 * s))), rng) for c, s in zip(classes, base_size)]
@@ -191,10 +228,52 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
   os.replace(path_mp4 + ".tmp.mp4", path_mp4)
   masks_path = masks_path_for(path_mp4)
   np.savez_compressed(masks_path + ".tmp.npz", masks=masks, classes=classes,
-                      class_names=np.array(CLASS_NAMES), blank=blank)
+                      class_names=np.array(CLASS_NAMES[:num_classes]), blank=blank)
   os.replace(masks_path + ".tmp.npz", masks_path)
   return {"video": path_mp4, "masks": masks_path, "num_frames": num_frames, "width": width,
-          "height": height, "fps": fps, "classes": classes, "class_names": CLASS_NAMES}
+          "height": height, "fps": fps, "classes": classes,
+          "class_names": CLASS_NAMES[:num_classes]}
+
+
+def render_object_views(*, num_classes: int, instances_per_class: int, views_per_instance: int,
+                        size: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+  """Clean views of single objects, for classifying object kinds (k-NN, linear probe).
+
+  Each instance is one object as a tour would draw it (its kind's shape and texture, its own two
+  colours); each view shows it alone, turned and scaled at random, near the centre of a random
+  window of the tour's panorama. A different `seed` gives other instances: draw the training and
+  the evaluation set from different seeds to split by instance.
+
+  Returns:
+    images uint8 (V, size, size, 3), labels int64 (V,) (kind index into CLASS_NAMES),
+    instances int64 (V,) (instance index within this call), class_names (num_classes,).
+  """
+  if not 1 <= num_classes <= len(CLASS_NAMES):
+    raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
+  rng = np.random.default_rng(seed)
+  panorama = _panorama(max(2 * size, 180))
+  images, labels, instances = [], [], []
+  for class_id in range(num_classes):
+    for _ in range(instances_per_class):
+      sprite = _sprite(class_id, 2 * size, rng)
+      for _ in range(views_per_instance):
+        window = int(rng.uniform(1.0, 2.0) * size)
+        x0 = int(rng.integers(0, panorama.width - window))
+        y0 = int(rng.integers(0, panorama.height - window))
+        image = panorama.resize((size, size), Image.BILINEAR,
+                                box=(x0, y0, x0 + window, y0 + window))
+        side = max(8, int(round(rng.uniform(0.5, 0.8) * size)))
+        view = sprite.resize((side, side), Image.BILINEAR).rotate(
+            float(rng.uniform(0, 360)), resample=Image.BILINEAR, expand=True)
+        shift = rng.uniform(-0.1, 0.1, size=2) * size
+        image.paste(view, (int(round((size - view.width) / 2 + shift[0])),
+                           int(round((size - view.height) / 2 + shift[1]))), view)
+        images.append(np.asarray(image))
+        labels.append(class_id)
+        instances.append(len(instances) // views_per_instance)
+  return {"images": np.stack(images), "labels": np.array(labels, np.int64),
+          "instances": np.array(instances, np.int64),
+          "class_names": np.array(CLASS_NAMES[:num_classes])}
 
 
 def masks_path_for(path_mp4: str) -> str:
