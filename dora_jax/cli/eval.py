@@ -3,12 +3,14 @@
   dora-eval knn   --checkpoint RUN --train SRC --val SRC --out DIR [--k 20 --temperature 0.07]
   dora-eval davis --checkpoint RUN --data DAVIS_ROOT --out DIR [--sequences bear dog ...]
   dora-eval track --checkpoint RUN --data SYNTHETIC_TOUR --out DIR [--clips 16 ...]
+  dora-eval discover --checkpoint RUN --data VOC_ROOT --out DIR [--split trainval --k-patches 100]
 
 RUN: a work folder (its latest checkpoint) or one of its checkpoints/STEP folders. SRC: an image
 folder (ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT (read with tfds.data_source, no TensorFlow;
 --tfds-data-dir). SYNTHETIC_TOUR: the .mp4 of `dora_jax.data.synthetic` (masks beside it) or its
-folder. Each writes a JSON report in DIR (knn.json, davis_metrics.json with the masks and
-pictures, track.json) and prints a summary. Bad input: a one-line error and exit status 2.
+folder. VOC_ROOT: a PASCAL VOC2007/2012 folder (JPEGImages, Annotations, ImageSets/Main). Each
+writes a JSON report in DIR (knn.json, davis_metrics.json with the masks and pictures, track.json,
+discover.json with pictures) and prints a summary. Bad input: a one-line error and exit status 2.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Sequence
 
 KNN_REPORT = "knn.json"
 TRACK_REPORT = "track.json"
+DISCOVER_REPORT = "discover.json"
 
 
 class InputError(Exception):
@@ -121,6 +124,26 @@ def run_track(args: argparse.Namespace) -> str:
           f"offset: {' '.join(_fmt(v) for v in offsets)}) -> {path}")
 
 
+def run_discover(args: argparse.Namespace) -> str:
+  from dora_jax.evaluation import discover  # pylint: disable=g-import-not-at-top
+  from dora_jax.evaluation import voc  # pylint: disable=g-import-not-at-top
+
+  voc.list_images(args.data, args.split)  # Checks before loading the checkpoint.
+  backbone = load_backbone(args.checkpoint)
+  patch_size = backbone.size.patch_size
+  if args.short_side < 0 or args.short_side % patch_size:
+    raise InputError(f"--short-side {args.short_side} must be 0 (original size) or a multiple of "
+                     f"the checkpoint's patch size {patch_size}, so that its patch grid tiles it.")
+  report = discover.evaluate_discovery(backbone, args.data, args.out, split=args.split,
+                                       short_side=args.short_side, k_patches=args.k_patches,
+                                       batch_size=args.batch_size, progress=not args.no_progress)
+  report.update(data=os.path.abspath(args.data), checkpoint=os.path.abspath(args.checkpoint))
+  path = os.path.join(args.out, DISCOVER_REPORT)
+  _write_json(path, report)
+  return (f"LOST CorLoc {report['CorLoc']:.2f}% ({report['num_localised']}/"
+          f"{report['num_images']} images of {args.split}) -> {path}")
+
+
 def _threshold(value: str) -> str | float:
   if value == "mean":
     return value
@@ -143,7 +166,8 @@ def _positive_int(value: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="dora-eval", description="Evaluate the teacher of a dora-train run.")
-  commands = parser.add_subparsers(dest="command", required=True, metavar="{knn,davis,track}")
+  commands = parser.add_subparsers(dest="command", required=True,
+                                   metavar="{knn,davis,track,discover}")
 
   def command(name: str, help_text: str) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -199,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
   track.add_argument("--seed", type=int, default=0, help="Picks the discovery heads.")
   track.add_argument("--batch-size", type=_positive_int, default=32, help="Frames per step.")
   track.set_defaults(run=run_track)
+
+  discover = command("discover", "LOST object discovery on PASCAL VOC boxes (CorLoc).")
+  discover.add_argument("--data", required=True, help="The VOC2007 or VOC2012 folder.")
+  discover.add_argument("--split", default="trainval", help="ImageSets/Main/SPLIT.txt.")
+  discover.add_argument("--short-side", type=int, default=0,
+                        help="Shorter side resized to this first (0: original size, as LOST).")
+  discover.add_argument("--k-patches", type=_positive_int, default=100,
+                        help="Lowest-degree patches the seed expansion may reach.")
+  discover.add_argument("--batch-size", type=_positive_int, default=8,
+                        help="Images (of one padded size) per step.")
+  discover.set_defaults(run=run_discover)
   return parser
 
 
@@ -207,12 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   from dora_jax.evaluation import davis  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import track  # pylint: disable=g-import-not-at-top
+  from dora_jax.evaluation import voc  # pylint: disable=g-import-not-at-top
 
   try:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
       raise InputError(f"--out {args.out} is a file; expected a folder for the report.")
     summary = args.run(args)
-  except (InputError, image_sources.SourceError, davis.DavisError, track.TourError) as e:
+  except (InputError, image_sources.SourceError, davis.DavisError, track.TourError,
+          voc.VocError) as e:
     print(f"dora-eval {args.command}: error: {e}", file=sys.stderr)
     return 2
   print(summary)

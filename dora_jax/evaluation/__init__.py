@@ -9,5 +9,7 @@
                  (`evaluate_davis`).
   track          Tracking IoU of the DoRA kernels on the synthetic walking tour
                  (`evaluate_tracking`).
+  discover       LOST object discovery and its CorLoc (`lost`, `corloc`, `evaluate_discovery`).
+  voc            PASCAL VOC detection folders and box conventions (`list_images`).
   periodic       The evaluators during pretraining (`PeriodicEvaluator`; keys in config_base.py).
 """

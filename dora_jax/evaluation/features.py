@@ -29,14 +29,19 @@ from dora_jax.models import vit
 DATA_AXIS = "data"
 
 
+def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+  """(height, width) after resizing the shorter side to `size`: the longer side becomes
+  int(size * long / short), as torchvision's Resize(size)."""
+  if height <= width:
+    return size, int(size * width / height)
+  return int(size * height / width), size
+
+
 def resize_shorter_side(image: np.ndarray, size: int,
                         resample: int = Image.BICUBIC) -> np.ndarray:
   """(H, W, 3) uint8 -> shorter side `size`, the longer int(size * long / short) (torchvision)."""
   height, width = image.shape[:2]
-  if height <= width:
-    new_h, new_w = size, int(size * width / height)
-  else:
-    new_h, new_w = int(size * height / width), size
+  new_h, new_w = shorter_side_size(height, width, size)
   if (new_h, new_w) == (height, width):
     return image
   return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
