@@ -35,3 +35,28 @@ def test_separable_classes_are_separated_and_noise_is_not():
                              rng.standard_normal((400, 16)), rng.integers(0, 4, 400),
                              num_classes=4)
   assert noise["top1"] < 40  # Chance is 25 %.
+
+
+def test_knn_report_carries_the_probe(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 12), ("val", 6)):
+    for label, colour in enumerate(((200, 30, 30), (30, 30, 200), (30, 200, 30))):
+      folder = tmp_path / split / f"class{label}"
+      folder.mkdir(parents=True)
+      for i in range(count):
+        pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (16, 16, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+  backbone = lambda images: {"cls": jnp.concatenate(  # A colour descriptor: separable.
+      [images.mean(axis=(1, 2)), images.std(axis=(1, 2))], axis=-1)}
+  report = knn.evaluate_knn(backbone, image_sources.open_source(str(tmp_path / "train")),
+                            image_sources.open_source(str(tmp_path / "val")), k=5,
+                            resize_size=16, crop_size=16, progress=False, linear_probe=True)
+  assert report["linear_top1"] == 100.0 and report["top1"] == 100.0
+  assert "linear_top1" not in knn.evaluate_knn(
+      backbone, image_sources.open_source(str(tmp_path / "train")),
+      image_sources.open_source(str(tmp_path / "val")), k=5, resize_size=16, crop_size=16,
+      progress=False)

@@ -72,13 +72,15 @@ def run_knn(args: argparse.Namespace) -> str:
   backbone = load_backbone(args.checkpoint)
   report = knn.evaluate_knn(backbone, train, val, k=args.k, temperature=args.temperature,
                             batch_size=args.batch_size, resize_size=args.resize_size,
-                            crop_size=args.crop_size, progress=not args.no_progress)
+                            crop_size=args.crop_size, progress=not args.no_progress,
+                            linear_probe=args.linear_probe)
   report["checkpoint"] = os.path.abspath(args.checkpoint)
   path = os.path.join(args.out, KNN_REPORT)
   _write_json(path, report)
+  probe = (f", linear probe top-1 {report['linear_top1']:.2f}%" if args.linear_probe else "")
   return (f"k-NN (k={report['k']}, T={report['temperature']}): top-1 {report['top1']:.2f}%, "
-          f"top-5 {report['top5']:.2f}% ({report['num_train']} train, {report['num_val']} val "
-          f"images, {report['num_classes']} classes) -> {path}")
+          f"top-5 {report['top5']:.2f}%{probe} ({report['num_train']} train, "
+          f"{report['num_val']} val images, {report['num_classes']} classes) -> {path}")
 
 
 def run_davis(args: argparse.Namespace) -> str:
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
   knn.add_argument("--resize-size", type=_positive_int, default=256,
                    help="Shorter side after the resize.")
   knn.add_argument("--crop-size", type=_positive_int, default=224, help="Centre crop side.")
+  knn.add_argument("--linear-probe", action="store_true",
+                   help="Also fit a linear probe (L-BFGS logistic regression) on the same "
+                   "features: linear_top1 in the report.")
   knn.set_defaults(run=run_knn)
 
   davis = command("davis", "DAVIS-2017 video object segmentation by label propagation (J&F).")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dora_jax.evaluation import features as features_lib
+from dora_jax.evaluation import probe as probe_lib
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -149,7 +150,7 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, *, 
 
 def evaluate_knn(backbone, train_source, val_source, *, k: int = 20, temperature: float = 0.07,
                  batch_size: int = 256, resize_size: int = 256, crop_size: int = 224,
-                 num_threads: int = 0, progress: bool = True) -> dict:
+                 num_threads: int = 0, progress: bool = True, linear_probe: bool = False) -> dict:
   """The k-NN accuracy of a backbone's [CLS] features: val images classified by train images.
 
   Args:
@@ -157,10 +158,13 @@ def evaluate_knn(backbone, train_source, val_source, *, k: int = 20, temperature
     train_source, val_source: `image_sources` sources with the same classes.
     k, temperature: the classifier's (DINO: 20, 0.07).
     batch_size, resize_size, crop_size, num_threads, progress: see `features.extract_features`.
+    linear_probe: also fit `probe.linear_probe` on the same train features and score it on the
+      val features.
 
   Returns:
     {"top1", "top5" (percent), "k", "temperature", "num_train", "num_val", "num_classes",
-     "train", "val" (the sources' names)}.
+     "train", "val" (the sources' names)}; with linear_probe also "linear_top1",
+     "linear_train_top1" (percent) and "linear_l2".
   """
   if train_source.num_classes != val_source.num_classes:
     raise ValueError(f"{train_source.name} has {train_source.num_classes} classes but "
@@ -173,7 +177,13 @@ def evaluate_knn(backbone, train_source, val_source, *, k: int = 20, temperature
   val_features, val_labels = extract(val_source)
   top1, top5 = knn_classifier(train_features, train_labels, val_features, val_labels, k=k,
                               temperature=temperature, num_classes=train_source.num_classes)
-  return {"top1": top1, "top5": top5, "k": k, "temperature": temperature,
-          "num_train": len(train_labels), "num_val": len(val_labels),
-          "num_classes": train_source.num_classes, "train": train_source.name,
-          "val": val_source.name}
+  report = {"top1": top1, "top5": top5, "k": k, "temperature": temperature,
+            "num_train": len(train_labels), "num_val": len(val_labels),
+            "num_classes": train_source.num_classes, "train": train_source.name,
+            "val": val_source.name}
+  if linear_probe:
+    fitted = probe_lib.linear_probe(train_features, train_labels, val_features, val_labels,
+                                    num_classes=train_source.num_classes)
+    report.update(linear_top1=fitted["top1"], linear_train_top1=fitted["train_top1"],
+                  linear_l2=fitted["l2"])
+  return report
