@@ -174,6 +174,21 @@ def open_seg_source(spec: str, split: str, *, num_classes: int = 0,
   return ExampleSegSource(examples, spec, num_classes=num_classes, mask_key=mask_key)
 
 
+class InMemorySource:
+  """Every sample of a (small) source, decoded once and kept: the periodic evaluator's data."""
+
+  def __init__(self, source):
+    self.name, self.num_classes = source.name, source.num_classes
+    self.class_names, self.names = source.class_names, list(source.names)
+    self._samples = [source[index] for index in range(len(source))]
+
+  def __len__(self) -> int:
+    return len(self._samples)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    return self._samples[index]
+
+
 # ---- Crops (mmseg's ADE20K pipeline, without the photometric distortion). ----
 
 
