@@ -1,7 +1,6 @@
 """mIoU as mmseg, the ADE label shift, the sources, the crops, and the linear readout learning."""
 import os
 
-
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image

@@ -168,15 +168,15 @@ def _crop_batches(source, settings: SegSettings, batch_size: int
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Training crops (B, S, S, 3), labels (B, S, S), in a seeded order (each epoch a new
   permutation, every crop its own rng); the next batch is cut in threads meanwhile."""
-  order = np.random.default_rng(settings.seed).permutation(len(source))
+
+  @functools.lru_cache(maxsize=8)  # The epochs of the batches being cut (tiny sets: several).
+  def order(epoch: int) -> np.ndarray:
+    return np.random.default_rng([settings.seed, epoch]).permutation(len(source))
 
   def crop(step: int, slot: int):
-    position = step * batch_size + slot
-    epoch, at = divmod(position, len(source))
-    index = (order if epoch == 0 else np.random.default_rng([settings.seed, epoch]).permutation(
-        len(source)))[at]
+    epoch, at = divmod(step * batch_size + slot, len(source))
     rng = np.random.default_rng([settings.seed, step, slot])
-    image, labels = source[int(index)]
+    image, labels = source[int(order(epoch)[at])]
     return seg_data.train_crop(image, labels, settings.image_size, rng,
                                scale_range=settings.scale_range)
 
