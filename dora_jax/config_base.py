@@ -97,7 +97,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.prefetch_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.num_threads = 2  # Threads per data process (main or worker) making clips in parallel.
 
-  # ---- Evaluators during pretraining (k-NN, tracking IoU), logged like the train metrics. ----
+  # ---- Evaluators during pretraining (k-NN, tracking IoU, seg mIoU), logged like the train metrics. ----
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # Run the evaluators every n train steps and at the last step (0: never).
   c.eval.batch_size = 128  # Images per forward pass over this host's devices.
@@ -113,6 +113,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.track_frames_per_clip = 0  # Frames per clip (0: data.frames_per_clip).
   c.eval.track_frame_stride = 0  # Tour frames between a clip's frames (0: data.frame_stride).
   c.eval.track_short_side = 0  # Shorter side of the frames the teacher sees (0: data.global_size).
+  c.eval.seg_data = ""  # Linear segmentation readout (seg_miou): an ADE20K-layout folder (images/, annotations/); "": none.
+  c.eval.seg_num_classes = 0  # Its classes 1..C (0: the folder's class_names.txt / objectInfo150.txt, else 150).
+  c.eval.seg_iterations = 300  # Readout training steps per evaluation (dora-eval seg: 40000).
+  c.eval.seg_batch_size = 16  # Training crops per step (DINOv2: 16).
+  c.eval.seg_image_size = 0  # Crop side and evaluation resolution (0: data.global_size).
+  c.eval.seg_blocks = 1  # Patch tokens of the last n blocks, concatenated (DINOv2: 1, or 4).
 
   # ---- Mesh and parallelism. ----
   c.mesh = ml_collections.ConfigDict()

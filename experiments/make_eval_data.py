@@ -9,6 +9,12 @@ writes, under --out:
   DAVIS/                                       the DAVIS-2017 layout (`dora-eval davis`): one
                                                sequence per tour, frames as JPEG, the objects'
                                                masks as palette PNGs, ImageSets/2017/val.txt
+  ADE/                                         the ADE20K layout (`dora-eval seg`): every 4th
+                                               frame, training from tours 101-102, validation
+                                               from 103; labels 1 background, 2 + class
+  VOC/                                         the PASCAL VOC layout (`dora-eval discover`):
+                                               every 8th frame of every tour, one box per
+                                               object of at least 100 pixels, trainval.txt
   tour/walking_tour.mp4 (+ .masks.npz)         a tour for `dora-eval track`
 """
 import argparse
@@ -18,6 +24,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from dora_jax.data import eval_sets
 from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
 
@@ -77,6 +84,17 @@ def main() -> None:
       davis.write_indexed_png(os.path.join(annotations, f"{i:05d}.png"), truth["masks"][f],
                               palette)
     sequences.append(name)
+    ade_split = "validation" if split == "val" else "training"
+    every_4 = slice(0, len(frames), 4)
+    eval_sets.write_ade20k_layout(np.stack(frames[every_4]), truth["masks"][every_4],
+                                  truth["classes"], os.path.join(args.out, "ADE"), ade_split,
+                                  class_names=truth["class_names"], prefix=f"{name}_")
+    every_8 = slice(0, len(frames), 8)
+    boxed = eval_sets.write_voc_layout(np.stack(frames[every_8]), truth["masks"][every_8],
+                                       truth["classes"], truth["class_names"],
+                                       os.path.join(args.out, "VOC"), prefix=f"{name}_",
+                                       min_area=100)
+    print(f"{name}: ADE {ade_split} and {len(boxed)} VOC images")
   sets = os.path.join(args.out, "DAVIS", "ImageSets", "2017")
   os.makedirs(sets, exist_ok=True)
   with open(os.path.join(sets, "val.txt"), "w") as f:

@@ -7,9 +7,12 @@ from PIL import Image
 import pytest
 
 from dora_jax import config_base
+from dora_jax.data import eval_sets
 from dora_jax.data import synthetic
 from dora_jax.evaluation import image_sources
 from dora_jax.evaluation import periodic
+from dora_jax.evaluation import seg
+from dora_jax.evaluation import seg_data
 from dora_jax.evaluation import track
 from dora_jax.models import vit
 
@@ -95,3 +98,32 @@ def test_run_on_tiny_data(tmp_path):
                                 rngs=nnx.Rngs(1))
   assert evaluator.run(other, step=10)["track_iou"] != metrics["track_iou"]
   assert evaluator.run(model, step=12) == metrics
+
+
+def _ade_folder(root):
+  """Training and validation frames of 16 px: left half one object (class 1), right background."""
+  masks = np.zeros((4, 16, 16), np.uint8)
+  masks[:, :, :8] = 1
+  frames = np.where(masks[..., None] == 1, [200, 30, 30], [30, 30, 200]).astype(np.uint8)
+  for split in seg_data.SPLITS:
+    eval_sets.write_ade20k_layout(frames, masks, [1], str(root), split,
+                                  class_names=["cat", "dog"])
+  return str(root)
+
+
+def test_seg_readout_during_pretraining(tmp_path):
+  with pytest.raises(seg_data.SegError, match="has no images/training folder"):
+    periodic.PeriodicEvaluator.from_config(_config(every_steps=5, seg_data=str(tmp_path)))
+  with pytest.raises(ValueError, match="eval.seg_image_size: 20 is not a multiple"):
+    periodic.EvalSettings.from_config(_config(seg_image_size=20))
+  config = _config(every_steps=5, seg_data=_ade_folder(tmp_path / "ade"), seg_iterations=3,
+                   seg_batch_size=2)
+  evaluator = periodic.PeriodicEvaluator.from_config(config)
+  assert evaluator.settings.seg.image_size == 16 and evaluator.enabled  # data.global_size.
+  model = vit.VisionTransformer(None, dim=32, depth=2, num_heads=4, patch_size=8, img_size=16,
+                                rngs=nnx.Rngs(0))
+  metrics = evaluator.run(model, step=5)
+  expected = seg.evaluate_seg(model, *[seg_data.ADE20KFolder(config.eval.seg_data, split)
+                                       for split in seg_data.SPLITS],
+                              evaluator.settings.seg, progress=False)
+  assert set(metrics) == {"seg_miou"} and metrics["seg_miou"] == pytest.approx(expected["mIoU"])

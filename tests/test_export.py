@@ -60,7 +60,7 @@ def _numpy_weights(seed=0):
 @jax.jit
 def _forward(graphdef, state, images):
   out = nnx.merge(graphdef, state)(images, num_last_blocks=DEPTH)
-  return {name: out[name] for name in OUTPUTS + ("block_cls",)}
+  return {name: out[name] for name in OUTPUTS + ("block_cls", "block_tokens")}
 
 
 def _outputs(model, images):
@@ -340,9 +340,9 @@ def test_exported_folder_round_trip(tmp_path):
     pretrained.load_backbone(out)
 
 
-def test_last_blocks_cls():
-  """`block_cls` of a depth-2 ViT: block 0's [CLS] is the output of a depth-1 ViT with the same
-  first block, and the last entry is `cls`."""
+def test_last_blocks_cls_and_tokens():
+  """`block_cls` / `block_tokens` of a depth-2 ViT: block 0's [CLS] and patch tokens are the
+  outputs of a depth-1 ViT with the same first block, and the last entries are `cls`/`tokens`."""
   weights = _numpy_weights(4)
   deep = vit.from_torch_state_dict(weights, None, dim=DIM, depth=2, num_heads=HEADS,
                                    patch_size=PATCH)
@@ -352,13 +352,16 @@ def test_last_blocks_cls():
   images = _images(5)
   out = _outputs(deep, images)
   assert out["block_cls"].shape == (2, 2, DIM)
-  shallow_cls = jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state)(x)["cls"])(
+  assert out["block_tokens"].shape == (2, 2) + out["tokens"].shape[1:]
+  shallow_out = jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state)(x))(
       *nnx.split(shallow), images)
-  np.testing.assert_allclose(out["block_cls"][:, 0], shallow_cls, atol=1e-6)
+  np.testing.assert_allclose(out["block_cls"][:, 0], shallow_out["cls"], atol=1e-6)
+  np.testing.assert_allclose(out["block_tokens"][:, 0], shallow_out["tokens"], atol=1e-6)
   np.testing.assert_array_equal(out["block_cls"][:, 1], out["cls"])
+  np.testing.assert_array_equal(out["block_tokens"][:, 1], out["tokens"])
   graphdef, state = nnx.split(deep)
   abstract = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
-  assert "block_cls" not in abstract
+  assert "block_cls" not in abstract and "block_tokens" not in abstract
   with pytest.raises(ValueError, match="num_last_blocks=3 must be in"):
     jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, num_last_blocks=3), state, images)
 

@@ -3,14 +3,18 @@
   dora-eval knn   --checkpoint RUN --train SRC --val SRC --out DIR [--k 20 --temperature 0.07]
   dora-eval davis --checkpoint RUN --data DAVIS_ROOT --out DIR [--sequences bear dog ...]
   dora-eval track --checkpoint RUN --data SYNTHETIC_TOUR --out DIR [--clips 16 ...]
+  dora-eval seg   --checkpoint RUN --data ADE_ROOT --out DIR [--iterations 40000 --blocks 1 ...]
   dora-eval discover --checkpoint RUN --data VOC_ROOT --out DIR [--split trainval --k-patches 100]
 
 RUN: a work folder (its latest checkpoint) or one of its checkpoints/STEP folders. SRC: an image
 folder (ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT (read with tfds.data_source, no TensorFlow;
 --tfds-data-dir). SYNTHETIC_TOUR: the .mp4 of `dora_jax.data.synthetic` (masks beside it) or its
-folder. VOC_ROOT: a PASCAL VOC2007/2012 folder (JPEGImages, Annotations, ImageSets/Main). Each
-writes a JSON report in DIR (knn.json, davis_metrics.json with the masks and pictures, track.json,
-discover.json with pictures) and prints a summary. Bad input: a one-line error and exit status 2.
+folder. ADE_ROOT: the ADE20K layout (images/ and annotations/, each with training/ and
+validation/), or --train/--val tfds:NAME:SPLIT with a 'segmentation_mask'. VOC_ROOT: a PASCAL
+VOC2007/2012 folder (JPEGImages, Annotations, ImageSets/Main). Each writes a JSON report in DIR
+(knn.json, davis_metrics.json with the masks and pictures, track.json, seg_metrics.json with
+pred/, pictures/ and the readout, discover.json with pictures) and prints a summary. Bad input: a
+one-line error and exit status 2.
 """
 from __future__ import annotations
 
@@ -126,6 +130,40 @@ def run_track(args: argparse.Namespace) -> str:
           f"offset: {' '.join(_fmt(v) for v in offsets)}) -> {path}")
 
 
+def run_seg(args: argparse.Namespace) -> str:
+  from dora_jax.evaluation import seg  # pylint: disable=g-import-not-at-top
+  from dora_jax.evaluation import seg_data  # pylint: disable=g-import-not-at-top
+
+  if bool(args.train) != bool(args.val) or bool(args.data) == bool(args.train):
+    raise InputError("give --data ROOT (the ADE20K layout) or both --train and --val "
+                     "(tfds:NAME:SPLIT), not both.")
+  sources = [seg_data.open_seg_source(spec, split, num_classes=args.num_classes,
+                                      tfds_data_dir=args.tfds_data_dir)
+             for spec, split in ((args.train or args.data, "training"),
+                                 (args.val or args.data, "validation"))]
+  backbone = load_backbone(args.checkpoint)
+  given = {name: getattr(args, name) for name in ("iterations", "batch_size", "image_size",
+                                                  "blocks", "lr", "seed")}
+  settings = seg.SegSettings(**{k: v for k, v in given.items() if v is not None})
+  patch_size = backbone.size.patch_size
+  if settings.image_size % patch_size:
+    raise InputError(f"--image-size {settings.image_size} is not a multiple of the checkpoint's "
+                     f"patch size {patch_size}; the patch grid must tile the image.")
+  if settings.blocks > backbone.size.depth:
+    raise InputError(f"--blocks {settings.blocks} exceeds the checkpoint's {backbone.size.depth} "
+                     "blocks.")
+  report = seg.evaluate_seg(backbone, *sources, settings, out_dir=args.out,
+                            progress=not args.no_progress)
+  report.update(checkpoint=os.path.abspath(args.checkpoint), train=sources[0].name,
+                val=sources[1].name)
+  path = os.path.join(args.out, seg.METRICS_FILE)
+  _write_json(path, report)
+  return (f"linear segmentation ({report['num_classes']} classes, {settings.iterations} "
+          f"iterations, {settings.image_size} px): mIoU {_fmt(report['mIoU'], digits=2)}, "
+          f"aAcc {_fmt(report['aAcc'], digits=2)}, mAcc {_fmt(report['mAcc'], digits=2)} -> "
+          f"{path}")
+
+
 def run_discover(args: argparse.Namespace) -> str:
   from dora_jax.evaluation import discover  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import voc  # pylint: disable=g-import-not-at-top
@@ -169,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="dora-eval", description="Evaluate the teacher of a dora-train run.")
   commands = parser.add_subparsers(dest="command", required=True,
-                                   metavar="{knn,davis,track,discover}")
+                                   metavar="{knn,davis,track,seg,discover}")
 
   def command(name: str, help_text: str) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -229,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
   track.add_argument("--batch-size", type=_positive_int, default=32, help="Frames per step.")
   track.set_defaults(run=run_track)
 
+  # Defaults (None) are evaluation.seg.SegSettings's: DINOv2's ADE20K linear head.
+  seg = command("seg", "Linear segmentation readout (DINOv2's linear head): mIoU, aAcc, mAcc.")
+  seg.add_argument("--data", default=None, help="The ADE20K layout (images/, annotations/).")
+  seg.add_argument("--train", default=None, help="Instead of --data: tfds:NAME:SPLIT.")
+  seg.add_argument("--val", default=None, help="Instead of --data: tfds:NAME:SPLIT.")
+  seg.add_argument("--tfds-data-dir", default=None, help="data_dir of tfds sources.")
+  seg.add_argument("--num-classes", type=int, default=0,
+                   help="C (0: the class names in ROOT, else ADE20K's 150).")
+  seg.add_argument("--iterations", type=_positive_int, default=None, help="Training steps (40000).")
+  seg.add_argument("--batch-size", type=_positive_int, default=None, help="Crops per step (16).")
+  seg.add_argument("--image-size", type=_positive_int, default=None,
+                   help="Crop side, and the evaluation resolution (512).")
+  seg.add_argument("--blocks", type=int, choices=(1, 4), default=None,
+                   help="Patch tokens of the last n blocks (1).")
+  seg.add_argument("--lr", type=float, default=None, help="AdamW's peak lr (1e-3).")
+  seg.add_argument("--seed", type=int, default=None, help="Crops and initialisation (0).")
+  seg.set_defaults(run=run_seg)
+
   discover = command("discover", "LOST object discovery on PASCAL VOC boxes (CorLoc).")
   discover.add_argument("--data", required=True, help="The VOC2007 or VOC2012 folder.")
   discover.add_argument("--split", default="trainval", help="ImageSets/Main/SPLIT.txt.")
@@ -246,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from dora_jax.evaluation import davis  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.evaluation import seg_data  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import track  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import voc  # pylint: disable=g-import-not-at-top
 
@@ -254,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise InputError(f"--out {args.out} is a file; expected a folder for the report.")
     summary = args.run(args)
   except (InputError, image_sources.SourceError, davis.DavisError, track.TourError,
-          voc.VocError) as e:
+          voc.VocError, seg_data.SegError) as e:
     print(f"dora-eval {args.command}: error: {e}", file=sys.stderr)
     return 2
   print(summary)

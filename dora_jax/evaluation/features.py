@@ -79,10 +79,10 @@ def _to_local(leaf: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.device_put(leaf, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "outputs"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "outputs", "num_last_blocks"))
 def _module_forward(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array,
-                    outputs: tuple[str, ...]) -> dict[str, jax.Array]:
-  out = nnx.merge(graphdef, state)(vit.normalize_images(images))
+                    outputs: tuple[str, ...], num_last_blocks: int) -> dict[str, jax.Array]:
+  out = nnx.merge(graphdef, state)(vit.normalize_images(images), num_last_blocks=num_last_blocks)
   return {name: out[name] for name in outputs}
 
 
@@ -94,9 +94,11 @@ class Encoder:
   """
 
   def __init__(self, backbone: Callable[..., dict[str, jax.Array]],
-               outputs: Sequence[str] = ("cls",)):
+               outputs: Sequence[str] = ("cls",), *, num_last_blocks: int = 0):
     """Args: backbone: an nnx module or a jax-traceable function, called on normalised float32
-    images (B, H, W, 3) and returning a dict; outputs: the keys of that dict to keep."""
+    images (B, H, W, 3) and returning a dict; outputs: the keys of that dict to keep;
+    num_last_blocks: passed to the backbone when > 0 (the ViT's `block_cls`/`block_tokens`)."""
+    kwargs = {"num_last_blocks": num_last_blocks} if num_last_blocks else {}
     self.mesh = local_mesh()
     self.num_devices = self.mesh.size
     self._batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
@@ -106,11 +108,12 @@ class Encoder:
       graphdef, state = nnx.split(backbone)
       replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
       state = jax.tree.map(lambda leaf: _to_local(leaf, replicated), state)
-      self._forward = lambda images: _module_forward(graphdef, state, images, outputs)
+      self._forward = lambda images: _module_forward(graphdef, state, images, outputs,
+                                                     num_last_blocks)
     else:
 
       def forward(images):
-        out = backbone(vit.normalize_images(images))
+        out = backbone(vit.normalize_images(images), **kwargs)
         return {name: out[name] for name in outputs}
 
       self._forward = jax.jit(forward)

@@ -37,7 +37,7 @@ class ImageSource(Protocol):
     ...
 
 
-def _rgb(array: np.ndarray) -> np.ndarray:
+def to_rgb(array: np.ndarray) -> np.ndarray:
   """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (H, W, 3) uint8."""
   array = np.asarray(array)
   if array.ndim == 2:
@@ -119,7 +119,7 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     example = self._source[index]
-    return _rgb(example[self._image_key]), int(example[self._label_key])
+    return to_rgb(example[self._image_key]), int(example[self._label_key])
 
 
 def open_source(spec: str, *, tfds_data_dir: str | None = None) -> ImageSource:

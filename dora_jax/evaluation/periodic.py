@@ -1,20 +1,21 @@
-"""Evaluators during pretraining (as big_vision runs them): k-NN and tracking IoU every n steps.
+"""Evaluators during pretraining (as big_vision runs them): k-NN, tracking IoU and a short
+linear segmentation readout every n steps.
 
 The trainer builds one `PeriodicEvaluator` from the config's `eval` section (config_base.py
 lists the keys) and, when `due(step)`, calls `run(teacher_backbone, step)` on every process; the
-returned metrics (`knn_top1`, `knn_top5`, `track_iou`, `track_iou_last`) go to metrics.jsonl and
-TensorBoard like the training metrics:
+returned metrics (`knn_top1`, `knn_top5`, `track_iou`, `track_iou_last`, `seg_miou`) go to
+metrics.jsonl and TensorBoard like the training metrics:
 
   evaluator = periodic.PeriodicEvaluator.from_config(config, demo_tour=...)
   ...
   if evaluator.due(step, total_steps):
     writer.write_scalars(step, evaluator.run(train_step.teacher_backbone(graphdef, state), step))
 
-The image sources are meant to be small (a few thousand images, e.g. tfds:imagenette/160px:
-train[:2000]; 2000 crops of 224 px hold 300 MB): their preprocessed crops and the tour's clips are
-prepared once, when the evaluator is built, and kept in memory; each run only re-runs the
-backbone. Every process runs the evaluators on
-its own devices (the data is small) and gets the same numbers.
+The data is meant to be small (a few thousand images, e.g. tfds:imagenette/160px:train[:2000];
+2000 crops of 224 px hold 300 MB): the k-NN's preprocessed crops, the tour's clips and the
+segmentation folder's decoded images are prepared once, when the evaluator is built, and kept in
+memory; each run only re-runs the backbone (and trains the segmentation readout afresh). Every
+process runs the evaluators on its own devices (the data is small) and gets the same numbers.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import numpy as np
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import image_sources
 from dora_jax.evaluation import knn as knn_lib
+from dora_jax.evaluation import seg as seg_lib
+from dora_jax.evaluation import seg_data
 from dora_jax.evaluation import track as track_lib
 from dora_jax.models import dino
 
@@ -48,6 +51,9 @@ class EvalSettings:
   knn_crop_size: int
   track_data: str
   track: track_lib.TrackSettings
+  seg_data: str
+  seg_num_classes: int
+  seg: seg_lib.SegSettings
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *,
@@ -83,15 +89,25 @@ class EvalSettings:
         sinkhorn_epsilon=float(config.dora.sinkhorn_epsilon),
         mask_threshold=config.dora.mask_threshold,
         seed=int(config.seed))
+    seg = seg_lib.SegSettings(
+        iterations=int(e.seg_iterations), batch_size=int(e.seg_batch_size),
+        image_size=int(e.seg_image_size or config.data.global_size), blocks=int(e.seg_blocks),
+        seed=int(config.seed), num_pictures=0)
+    if seg.image_size % patch_size:
+      raise ValueError(f"config key eval.seg_image_size: {seg.image_size} is not a multiple of "
+                       f"the patch size {patch_size}.")
     for key, value in (("every_steps", e.every_steps), ("batch_size", e.batch_size),
-                       ("knn_k", e.knn_k), ("track_clips", e.track_clips)):
+                       ("knn_k", e.knn_k), ("track_clips", e.track_clips),
+                       ("seg_iterations", e.seg_iterations),
+                       ("seg_batch_size", e.seg_batch_size), ("seg_blocks", e.seg_blocks)):
       if int(value) < (0 if key == "every_steps" else 1):
         raise ValueError(f"config key eval.{key} must be a positive integer; got {value!r}.")
     return cls(every_steps=int(e.every_steps), batch_size=int(e.batch_size),
                knn_train=e.knn_train, knn_val=e.knn_val, tfds_data_dir=e.tfds_data_dir,
                knn_k=int(e.knn_k), knn_temperature=float(e.knn_temperature),
                knn_resize_size=int(e.knn_resize_size), knn_crop_size=int(e.knn_crop_size),
-               track_data=track_data, track=track)
+               track_data=track_data, track=track, seg_data=e.seg_data,
+               seg_num_classes=int(e.seg_num_classes), seg=seg)
 
 
 class PeriodicEvaluator:
@@ -101,7 +117,8 @@ class PeriodicEvaluator:
     """Reads and prepares the data: missing or unusable data fails here, before training starts.
 
     Raises:
-      image_sources.SourceError, track.TourError: one-line messages for bad data.
+      image_sources.SourceError, track.TourError, seg_data.SegError: one-line messages for bad
+        data.
     """
     self.settings = settings
     self._num_classes = 0
@@ -123,6 +140,13 @@ class PeriodicEvaluator:
       self._clips = track_lib.make_clips(*track_lib.load_tour(settings.track_data),
                                          settings.track)
 
+    self._seg_sources = None  # (training, validation) decoded images and labels.
+    if settings.seg_data:
+      self._seg_sources = tuple(
+          seg_data.InMemorySource(seg_data.ADE20KFolder(
+              settings.seg_data, split, num_classes=settings.seg_num_classes))
+          for split in seg_data.SPLITS)
+
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *,
                   demo_tour: str | None = None) -> "PeriodicEvaluator":
@@ -130,8 +154,8 @@ class PeriodicEvaluator:
 
   @property
   def enabled(self) -> bool:
-    return self.settings.every_steps > 0 and (self._knn_images is not None
-                                              or self._clips is not None)
+    return self.settings.every_steps > 0 and any(
+        data is not None for data in (self._knn_images, self._clips, self._seg_sources))
 
   def due(self, step: int, total_steps: int) -> bool:
     """Whether to evaluate after `step` updates (every `every_steps`, and the last step)."""
@@ -139,7 +163,8 @@ class PeriodicEvaluator:
 
   def run(self, backbone, step: int) -> dict[str, float]:
     """The metrics of `backbone` (the teacher's ViT): knn_top1/knn_top5 (percent), track_iou and
-    track_iou_last (the IoU at the clips' last frame), for the evaluators configured."""
+    track_iou_last (the IoU at the clips' last frame), seg_miou (percent), for the evaluators
+    configured."""
     start = time.perf_counter()
     metrics = {}
     s = self.settings
@@ -162,6 +187,10 @@ class PeriodicEvaluator:
       if report["track_iou"] is not None:
         metrics.update(track_iou=report["track_iou"],
                        track_iou_last=report["track_iou_per_offset"][-1])
+    if self._seg_sources is not None:
+      report = seg_lib.evaluate_seg(backbone, *self._seg_sources, s.seg, progress=False)
+      if report["mIoU"] is not None:
+        metrics.update(seg_miou=report["mIoU"])
     logging.info("Evaluation at step %d (%.1f s): %s", step, time.perf_counter() - start,
                  {name: round(float(value), 4) for name, value in metrics.items()})
     return {name: float(np.asarray(value)) for name, value in metrics.items()}

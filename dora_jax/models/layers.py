@@ -1,8 +1,11 @@
-"""Initialisers shared by the ViT and the DINO head, matching DINO's PyTorch initialisation."""
+"""Pieces shared by the ViT and the DINO head: DINO's PyTorch initialisers, and the
+rematerialisation (jax.checkpoint) policies of a block's backward pass."""
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def trunc_normal_init():
@@ -21,3 +24,40 @@ def torch_default_init(fan_in: int):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
+
+
+# What the backward pass keeps of a block's forward (`model.remat`): "none" everything jax saves,
+# "dots" the outputs of the matmuls with the weights (norms, GELU, softmax and the attention's
+# q k^T and attn v products recomputed), "full" only the block's input.
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(remat: bool | str) -> str:
+  """`config.model.remat` -> one of `REMAT_POLICIES`; True / False (or "true" / "false", as a
+  command line spells them) mean "full" / "none"."""
+  if isinstance(remat, (bool, np.bool_)):
+    return "full" if remat else "none"
+  name = str(remat).lower()
+  if name in ("true", "false"):
+    return "full" if name == "true" else "none"
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat is {remat!r}; expected one of {', '.join(REMAT_POLICIES)} "
+                     "(or a bool: True is full, False none).")
+  return name
+
+
+def checkpointed(fn, policy: str):
+  """`fn` under jax.checkpoint with `policy` (see REMAT_POLICIES); `fn` itself for "none"."""
+  if policy == "none":
+    return fn
+  saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots"
+              else None)  # None: save nothing but the inputs.
+  return jax.checkpoint(fn, policy=saveable)
+
+
+def rematerialised(block: nnx.Module, x: jax.Array, rng: jax.Array | None, *, policy: str):
+  """`block(x, rng)` under jax.checkpoint, as a pure function of the block's state (nnx.remat
+  would write the state back, which fails inside jax.grad of a merged model)."""
+  graphdef, state = nnx.split(block)
+  return checkpointed(lambda state, x, rng: nnx.merge(graphdef, state)(x, rng), policy)(
+      state, x, rng)

@@ -190,42 +190,9 @@ class Block(nnx.Module):
     return x, aux
 
 
-# What the backward pass keeps of a block's forward (`model.remat`): "none" everything jax saves,
-# "dots" the outputs of the matmuls with the weights (norms, GELU, softmax and the attention's
-# q k^T and attn v products recomputed), "full" only the block's input.
-REMAT_POLICIES = ("none", "dots", "full")
-
-
-def remat_policy(remat: bool | str) -> str:
-  """`config.model.remat` -> one of `REMAT_POLICIES`; True / False (or "true" / "false", as a
-  command line spells them) mean "full" / "none"."""
-  if isinstance(remat, (bool, np.bool_)):
-    return "full" if remat else "none"
-  name = str(remat).lower()
-  if name in ("true", "false"):
-    return "full" if name == "true" else "none"
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"model.remat is {remat!r}; expected one of {', '.join(REMAT_POLICIES)} "
-                     "(or a bool: True is full, False none).")
-  return name
-
-
-def _checkpointed(fn, policy: str):
-  """`fn` under jax.checkpoint with `policy` (see REMAT_POLICIES); `fn` itself for "none"."""
-  if policy == "none":
-    return fn
-  saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots"
-              else None)  # None: save nothing but the inputs.
-  return jax.checkpoint(fn, policy=saveable)
-
-
-def _rematerialised(block: Block, x: jax.Array, rng: jax.Array | None, *, policy: str
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`block(x, rng)` under jax.checkpoint, as a pure function of the block's state (nnx.remat
-  would write the state back, which fails inside jax.grad of a merged model)."""
-  graphdef, state = nnx.split(block)
-  return _checkpointed(lambda state, x, rng: nnx.merge(graphdef, state)(x, rng), policy)(
-      state, x, rng)
+# Kept reachable here: the config's comment and the benchmarks name them through the ViT.
+REMAT_POLICIES = layers.REMAT_POLICIES
+remat_policy = layers.remat_policy
 
 
 class VisionTransformer(nnx.Module):
@@ -311,15 +278,17 @@ class VisionTransformer(nnx.Module):
         other than `img_size` (local crops, non-square frames) interpolate `pos_embed`.
       drop_path_rng: PRNG key enabling stochastic depth (student); None for a deterministic
         pass (teacher, evaluation).
-      num_last_blocks: n > 0 adds `block_cls`, the [CLS] of the last n blocks (DINO's
-        `get_intermediate_layers`, which the linear evaluation concatenates).
+      num_last_blocks: n > 0 adds `block_cls` and `block_tokens`, the [CLS] and patch tokens
+        of the last n blocks (DINO's `get_intermediate_layers`, which the linear evaluation and
+        DINOv2's linear segmentation head concatenate).
 
     Returns:
       A dict of float32 arrays: `cls` (B, D) and `tokens` (B, N, D), both after the final norm;
       from the last block, `attn` (B, h, N+1, N+1) softmax probabilities and `q`, `k`
       (B, h, N+1, d), the per-head queries and keys before the 1/sqrt(d) scaling. With
       `num_last_blocks` n: `block_cls` (B, n, D), the [CLS] output of blocks depth-n .. depth-1,
-      each after the final norm (the last one equals `cls`).
+      each after the final norm (the last one equals `cls`), and `block_tokens` (B, n, N, D),
+      their patch tokens likewise (the last one equals `tokens`).
     """
     self._check_images(images)
     if not 0 <= num_last_blocks <= len(self.blocks):
@@ -338,7 +307,7 @@ class VisionTransformer(nnx.Module):
       block_rngs = list(jax.random.split(drop_path_rng, len(self.blocks)))
     run_block = lambda block, x, rng: block(x, rng)
     if self.remat != "none":
-      run_block = lambda block, x, rng: _rematerialised(block, x, rng, policy=self.remat)
+      run_block = lambda block, x, rng: layers.rematerialised(block, x, rng, policy=self.remat)
     blocks = list(self.blocks)
     # The last block runs on its own: DoRA reads its attention (and the linear probe the [CLS]
     # of the last blocks, which a scan would not return).
@@ -346,12 +315,12 @@ class VisionTransformer(nnx.Module):
       x = self._scanned_blocks(blocks[:-1], x, block_rngs[:-1])
       blocks, block_rngs = blocks[-1:], block_rngs[-1:]
     aux = {}
-    block_cls = []
+    block_outputs = []  # (B, N+1, D) after the final norm, of each of the last n blocks.
     first = len(self.blocks) - len(blocks)  # Blocks before it ran in the scan.
     for index, (block, rng) in enumerate(zip(blocks, block_rngs), start=first):
       x, aux = run_block(block, x, rng)
       if index >= len(self.blocks) - num_last_blocks:
-        block_cls.append(self.norm(x[:, 0]))
+        block_outputs.append(self.norm(x))
     x = self.norm(x)
     out = {
         "cls": x[:, 0],
@@ -361,7 +330,8 @@ class VisionTransformer(nnx.Module):
         "k": aux["k"].astype(jnp.float32),
     }
     if num_last_blocks:
-      out["block_cls"] = jnp.stack(block_cls, axis=1)
+      stacked = jnp.stack(block_outputs, axis=1)  # (B, n, N+1, D)
+      out.update(block_cls=stacked[:, :, 0], block_tokens=stacked[:, :, 1:])
     return out
 
   def _scanned_blocks(self, blocks: list[Block], x: jax.Array,
@@ -378,7 +348,7 @@ class VisionTransformer(nnx.Module):
       x, _ = nnx.merge(graphdef, state)(x, key, keep_prob)
       return x, None
 
-    body = _checkpointed(body, self.remat)
+    body = layers.checkpointed(body, self.remat)
     x, _ = jax.lax.scan(body, x, (states, keep, keys))
     return x
 
