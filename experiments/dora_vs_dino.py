@@ -36,6 +36,7 @@ METRICS = (("knn_top1", "k-NN top-1 (%)"), ("probe_top1", "linear probe top-1 (%
            ("seg_miou", "seg mIoU (%)"), ("davis_jf", "DAVIS J&F"), ("corloc", "CorLoc (%)"),
            ("track_iou", "tracking IoU"))
 IMAGE_SIZE = 64  # The encoders' training resolution (configs/experiment.py); evaluations use it.
+SEG_ITERATIONS = 500  # The readout's training steps (of 16 crops): a few epochs of the small set.
 
 
 class Runner:
@@ -80,7 +81,7 @@ def evaluate(runner: Runner, encoder: str, data: str, out: str, seed: int) -> di
   seg_out = os.path.join(out, "seg")
   runner.run(cli + ["seg"] + common + [
       "--out", seg_out, "--data", os.path.join(data, "ADE"), "--image-size", str(IMAGE_SIZE),
-      "--seed", str(seed)], done=os.path.join(seg_out, "seg_metrics.json"))
+      "--iterations", str(SEG_ITERATIONS), "--batch-size", "16", "--seed", str(seed)], done=os.path.join(seg_out, "seg_metrics.json"))
   davis_out = os.path.join(out, "davis")
   runner.run(cli + ["davis"] + common + [
       "--out", davis_out, "--data", os.path.join(data, "DAVIS"), "--short-side", str(IMAGE_SIZE),
@@ -88,7 +89,7 @@ def evaluate(runner: Runner, encoder: str, data: str, out: str, seed: int) -> di
   discover_out = os.path.join(out, "discover")
   runner.run(cli + ["discover"] + common + [
       "--out", discover_out, "--data", os.path.join(data, "VOC"),
-      "--image-size", str(IMAGE_SIZE)], done=os.path.join(discover_out, "discover.json"))
+      "--short-side", str(IMAGE_SIZE)], done=os.path.join(discover_out, "discover.json"))
   track_out = os.path.join(out, "track")
   runner.run(cli + ["track"] + common + [
       "--out", track_out, "--data", os.path.join(data, "tour"), "--short-side", str(IMAGE_SIZE),

@@ -1,11 +1,13 @@
-r"""Evaluation data made from held-out synthetic walking tours (seeds the demo never trains on).
+r"""The experiment's data: a pretraining tour, and evaluation sets from other tours and objects.
 
   python experiments/make_eval_data.py --out /tmp/dora_eval_data
 
-writes, under --out:
-  knn/train/CLASS/*.png, knn/val/CLASS/*.png   crops of the tours' objects, by class (an image
-                                               folder for `dora-eval knn`); train and val come
-                                               from different tours
+Every tour uses the six object kinds of `synthetic.CLASS_NAMES`. Writes, under --out:
+  pretrain/walking_tour.mp4, pretrain/shards/  the pretraining tour (seed 0) and its shards
+                                               (--pretrain-frames; 0: none)
+  views/train/KIND/*.png, views/val/KIND/*.png clean views of single objects by kind (an image
+                                               folder for `dora-eval knn --linear-probe`): train
+                                               and val show different object instances
   DAVIS/                                       the DAVIS-2017 layout (`dora-eval davis`): one
                                                sequence per tour, frames as JPEG, the objects'
                                                masks as palette PNGs, ImageSets/2017/val.txt
@@ -16,6 +18,7 @@ writes, under --out:
                                                every 8th frame of every tour, one box per
                                                object of at least 100 pixels, trainval.txt
   tour/walking_tour.mp4 (+ .masks.npz)         a tour for `dora-eval track`
+  done                                         written last: the set is complete
 """
 import argparse
 import os
@@ -24,6 +27,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from dora_jax.data import convert
 from dora_jax.data import eval_sets
 from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
@@ -34,31 +38,42 @@ def _frames(video: str) -> list[np.ndarray]:
     return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
-def _object_crops(frames, masks, classes, class_names, out_dir, every, size, min_pixels):
-  """Square crops around each visible object (its mask's bounding box, enlarged by half)."""
-  count = 0
-  for f in range(0, len(frames), every):
-    for object_id in range(1, len(classes) + 1):
-      ys, xs = np.nonzero(masks[f] == object_id)
-      if len(ys) < min_pixels:
-        continue
-      cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
-      half = max(ys.max() - ys.min(), xs.max() - xs.min()) * 0.75 + 2
-      box = [int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half)]
-      crop = Image.fromarray(frames[f]).crop(box).resize((size, size), Image.BICUBIC)
-      folder = os.path.join(out_dir, str(class_names[classes[object_id - 1]]))
-      os.makedirs(folder, exist_ok=True)
-      crop.save(os.path.join(folder, f"f{f:04d}_o{object_id}.png"))
-      count += 1
-  return count
+def _write_views(views: dict, out_dir: str) -> None:
+  for index, (image, label) in enumerate(zip(views["images"], views["labels"])):
+    folder = os.path.join(out_dir, str(views["class_names"][label]))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(image).save(os.path.join(folder, f"{index:05d}.png"))
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
-  parser.add_argument("--num_frames", type=int, default=240)
-  parser.add_argument("--crop_size", type=int, default=64)
+  parser.add_argument("--num_frames", type=int, default=240, help="Frames of each held-out tour.")
+  parser.add_argument("--pretrain-frames", type=int, default=600,
+                      help="Frames of the pretraining tour (0: no pretraining tour).")
+  parser.add_argument("--view-size", type=int, default=64, help="Side of the object views.")
+  parser.add_argument("--train-instances", type=int, default=20,
+                      help="Object instances per kind in views/train (8 views each).")
+  parser.add_argument("--val-instances", type=int, default=10,
+                      help="Other instances per kind in views/val (8 views each).")
   args = parser.parse_args()
+  num_classes = len(synthetic.CLASS_NAMES)
+  if args.pretrain_frames:
+    pretrain = os.path.join(args.out, "pretrain")
+    os.makedirs(pretrain, exist_ok=True)
+    info = synthetic.generate_walking_tour(
+        os.path.join(pretrain, "walking_tour.mp4"), num_frames=args.pretrain_frames, seed=0,
+        num_objects=8, num_classes=num_classes)
+    convert.convert([info["video"]], os.path.join(pretrain, "shards"), short_side=180,
+                    quality=90, frames_per_shard=200, progress=False)
+    print(f"pretraining tour: {args.pretrain_frames} frames in {pretrain}/shards")
+  for split, seed, instances in (("train", 1000, args.train_instances),
+                                 ("val", 2000, args.val_instances)):
+    views = synthetic.render_object_views(
+        num_classes=num_classes, instances_per_class=instances, views_per_instance=8,
+        size=args.view_size, seed=seed)
+    _write_views(views, os.path.join(args.out, "views", split))
+    print(f"object views {split}: {len(views['labels'])} images of {num_classes} kinds")
   tours = os.path.join(args.out, "tours")
   os.makedirs(tours, exist_ok=True)
   palette = davis.default_palette()
@@ -66,14 +81,11 @@ def main() -> None:
   for seed in (101, 102, 103):  # The demo trains on seed 0.
     name = f"tour{seed}"
     info = synthetic.generate_walking_tour(os.path.join(tours, f"{name}.mp4"),
-                                           num_frames=args.num_frames, seed=seed, num_objects=6)
+                                           num_frames=args.num_frames, seed=seed, num_objects=6,
+                                           num_classes=num_classes)
     frames = _frames(info["video"])
     truth = synthetic.load_masks(info["video"])
     split = "val" if seed == 103 else "train"
-    count = _object_crops(frames, truth["masks"], truth["classes"], truth["class_names"],
-                          os.path.join(args.out, "knn", split), every=4, size=args.crop_size,
-                          min_pixels=100)
-    print(f"{name}: {count} object crops for k-NN {split}")
     # DAVIS: a sequence of 40 frames, 3 apart, per tour.
     images = os.path.join(args.out, "DAVIS", "JPEGImages", "480p", name)
     annotations = os.path.join(args.out, "DAVIS", "Annotations", "480p", name)
@@ -103,6 +115,7 @@ def main() -> None:
   for suffix in (".mp4", ".masks.npz"):
     os.replace(os.path.join(tours, "tour103" + suffix),
                os.path.join(args.out, "tour", "walking_tour" + suffix))
+  open(os.path.join(args.out, "done"), "w").close()
   print(f"evaluation data in {args.out}")
 
 
