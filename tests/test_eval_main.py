@@ -35,8 +35,7 @@ def run_dir(tmp_path_factory):
   """A work folder with one checkpoint of a freshly initialised tiny model (no training)."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _tiny_config()
-  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0), steps_per_epoch=1,
-                                         total_steps=1)
+  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
                                           keep=1)
   checkpointer.save(1, state, {})
