@@ -1,11 +1,10 @@
 """DoRA's object-aware views: discover -> refine -> track -> mask, from the teacher's outputs.
 
 `DoraOptions` is `config.dora` parsed and checked once, before anything compiles; the numerics
-receive it, never the whole config. It is the one declaration of these settings beside
-config_base.py (its defaults are read from there): training and the tracking evaluation
-(`evaluation.track.TrackSettings.dora`) both hold one. `object_views` chains the kernels of `tracking.py`
-(docs/DESIGN.md steps 3-6); `object_overlap` measures whether the discovered objects are
-distinct.
+receive it, never the whole config. Its defaults are read from config_base.py; training and the
+tracking evaluation (`evaluation.track.TrackSettings.dora`) both hold one. `object_views` chains
+the kernels of `tracking.py` (docs/DESIGN.md steps 3-6); `object_overlap` measures whether the
+discovered objects are distinct.
 """
 from __future__ import annotations
 
