@@ -13,6 +13,7 @@ import jax
 
 from dora_jax import config_base
 from dora_jax.trainer import compilation
+from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
 _VARIANT = flags.DEFINE_string("variant", "B/16", "ViT variant.")
@@ -40,17 +41,16 @@ def main(argv):
     config.data.num_local_crops = _LOCAL.value
     config.dora.enabled = _DORA.value
     config.dora.mask_mode = "keep"
-    graphdef, state = train_step.abstract_train_state(config, steps_per_epoch=100,
-                                                      total_steps=1000)
+    graphdef, state = train_step.abstract_train_state(config)
     size, small = config.data.global_size, config.data.local_size
     batch = {
         "frames": jax.ShapeDtypeStruct((_CLIPS.value, _FRAMES.value, size, size, 3), "uint8"),
         "crops": jax.ShapeDtypeStruct(
             (_CLIPS.value, _FRAMES.value, _LOCAL.value, small, small, 3), "uint8"),
     }
-    step = jax.jit(train_step.make_train_step(config, graphdef, steps_per_epoch=100,
-                                              total_steps=1000), donate_argnums=0)
-    compiled = compilation.compile_step(step, state, batch)
+    step = jax.jit(train_step.make_train_step(config, graphdef), donate_argnums=0)
+    schedule = schedules.make_schedules(config, steps_per_epoch=100, total_steps=1000).at(0)
+    compiled = compilation.compile_step(step, state, batch, schedule)
     stats = compiled.executable.memory_analysis()
     total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)

@@ -184,19 +184,20 @@ class Row:
 
   def __init__(self, name: str, config, batch, head: str):
     self.name, self.batch = name, batch
-    graphdef, self.state = train_step.init_train_state(
-        config, rng=jax.random.PRNGKey(0), steps_per_epoch=100, total_steps=1000)
+    graphdef, self.state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+    # The inputs of a step past the warm-up (the values do not change the step's time).
+    self.schedule = schedules.make_schedules(config, steps_per_epoch=100,
+                                             total_steps=1000).at(500)
     with _head_formula(head):
-      step = jax.jit(train_step.make_train_step(config, graphdef, steps_per_epoch=100,
-                                                total_steps=1000), donate_argnums=0)
+      step = jax.jit(train_step.make_train_step(config, graphdef), donate_argnums=0)
       unrolled = None  # XLA counts a scan's body once: the FLOPs come from the unrolled twin.
       unrolled_config = train_step.unrolled_config(config)
       if unrolled_config is not None:
         unrolled = jax.jit(train_step.make_train_step(
-            unrolled_config, train_step.abstract_train_state(
-                unrolled_config, steps_per_epoch=100, total_steps=1000)[0],
-            steps_per_epoch=100, total_steps=1000), donate_argnums=0)
-      compiled = compilation.compile_step(step, self.state, batch, unrolled=unrolled)
+            unrolled_config, train_step.abstract_train_state(unrolled_config)[0]),
+            donate_argnums=0)
+      compiled = compilation.compile_step(step, self.state, batch, self.schedule,
+                                          unrolled=unrolled)
     self.executable, self.compile_seconds = compiled.executable, compiled.compile_seconds
     self.flops = compiled.flops
     self.memory = _memory(compiled.executable)
@@ -205,7 +206,7 @@ class Row:
 
   def step(self, timed: bool = True) -> None:
     start = time.perf_counter()
-    self.state, metrics = self.executable(self.state, self.batch)
+    self.state, metrics = self.executable(self.state, self.batch, self.schedule)
     jax.block_until_ready(metrics)
     if timed:
       self.times.append(time.perf_counter() - start)
@@ -230,8 +231,7 @@ class Part:
 
 def _parts(config, batch) -> list[Part]:
   """The step of `config` cut into separately jitted parts on the same inputs."""
-  graphdef, state = train_step.init_train_state(
-      config, rng=jax.random.PRNGKey(0), steps_per_epoch=100, total_steps=1000)
+  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   constants = state["constants"]
   model = lambda params: nnx.merge(graphdef, params, constants)
   dora = train_step.dora_options(config)
@@ -263,11 +263,11 @@ def _parts(config, batch) -> list[Part]:
   probs = jax.nn.softmax(cotangent(b, t, out_dim))
   masked_logits = cotangent(b, t, num_views, out_dim)
   local_logits = cotangent(b, t, m, out_dim)
-  schedule = schedules.make_schedules(config, steps_per_epoch=100, total_steps=1000)
-  optimizer = optim.make_optimizer(config, schedule)
+  schedule = schedules.make_schedules(config, steps_per_epoch=100, total_steps=1000).at(500)
+  optimizer = optim.make_optimizer(config)
 
-  def optimise(params, grads, opt_state, step):
-    updates, opt_state = optimizer.update(grads, opt_state, params, step=step)
+  def optimise(params, grads, opt_state, schedule):
+    updates, opt_state = optimizer.update(grads, opt_state, params, **schedule)
     return optax.apply_updates(params, updates), opt_state
 
   parts = [
@@ -292,7 +292,7 @@ def _parts(config, batch) -> list[Part]:
           lambda ml, ll, p: losses.dino_loss(p, ml, ll, student_temp=0.1), argnums=(0, 1)),
            masked_logits, local_logits, probs),
       Part("optimiser (clip, AdamW)", optimise, state["student"], state["student"],
-           state["opt_state"], state["step"]),
+           state["opt_state"], schedule),
       Part("teacher EMA", lambda t, s: jax.tree.map(lambda a, b: 0.996 * a + 0.004 * b, t, s),
            state["teacher"], state["student"]),
   ]

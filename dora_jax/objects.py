@@ -1,9 +1,10 @@
 """DoRA's object-aware views: discover -> refine -> track -> mask, from the teacher's outputs.
 
 `DoraOptions` is `config.dora` parsed and checked once, before anything compiles; the numerics
-receive it, never the whole config. `object_views` chains the kernels of `tracking.py`
-(docs/DESIGN.md steps 3-6); `object_overlap` measures whether the discovered objects are
-distinct.
+receive it, never the whole config. Its defaults are read from config_base.py; training and the
+tracking evaluation (`evaluation.track.TrackSettings.dora`) both hold one. `object_views` chains
+the kernels of `tracking.py` (docs/DESIGN.md steps 3-6); `object_overlap` measures whether the
+discovered objects are distinct.
 """
 from __future__ import annotations
 
@@ -14,20 +15,23 @@ import typing
 import jax
 import jax.numpy as jnp
 
+from dora_jax import config_base
 from dora_jax.models import vit
 from dora_jax import tracking
 
 MASK_MODES = typing.get_args(tracking.MaskMode)
+_DEFAULTS = config_base.get_base_config().dora
 
 
 @dataclasses.dataclass(frozen=True)
 class DoraOptions:
-  """The settings of the object-aware views (see `config.dora` in config_base.py)."""
-  num_objects: int = 3
-  sinkhorn_iters: int = 3
-  sinkhorn_epsilon: float = 0.05
-  mask_mode: str = "remove"
-  mask_threshold: str | float = "mean"
+  """The settings of the object-aware views: `config.dora` (config_base.py says what each is
+  and holds the defaults)."""
+  num_objects: int = _DEFAULTS.num_objects
+  sinkhorn_iters: int = _DEFAULTS.sinkhorn_iters
+  sinkhorn_epsilon: float = _DEFAULTS.sinkhorn_epsilon
+  mask_mode: str = _DEFAULTS.mask_mode
+  mask_threshold: str | float = _DEFAULTS.mask_threshold
 
   @classmethod
   def from_config(cls, dora_config, *, num_heads: int) -> "DoraOptions":

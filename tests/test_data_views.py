@@ -1,6 +1,7 @@
 """Clip views: boxes, clip-consistent global crop and flip, colour ops against references; the
 OpenCV primitives (resize, blur, decode) against NumPy float64 references and Pillow."""
 import dataclasses
+import pickle
 import io
 import math
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from dora_jax import config_base
 from dora_jax.data import views
 
 H, W, T = 48, 64, 4
@@ -358,3 +360,16 @@ def test_gaussian_blur_is_a_gaussian_of_sigma_pixels():
   assert abs(spread.sum() - square.sum()) < 0.005 * square.sum()
   variance = (spread.sum(0) * (np.arange(41) - 20) ** 2).sum() / spread.sum()
   assert abs(variance - (80 / 12 + 4.0)) < 0.2
+
+
+def test_view_config_is_config_bases_data_section():
+  """Built from config_base's `data` keys: its defaults and types are theirs; values from a config
+  are typed like them; it pickles (grain's workers get it by pickle)."""
+  base = config_base.get_base_config().data
+  assert {f.name: f.default for f in dataclasses.fields(views.ViewConfig)} == {
+      key: base[key] for key in views.VIEW_KEYS}
+  config = views.ViewConfig.from_config(dict(base.to_dict(), global_size=96.0, blur_sigma=[1, 3],
+                                             flip_prob=1))
+  assert (config.global_size, config.blur_sigma, config.flip_prob) == (96, (1.0, 3.0), 1.0)
+  assert isinstance(config.global_size, int) and isinstance(config.flip_prob, float)
+  assert pickle.loads(pickle.dumps(config)) == config

@@ -9,9 +9,11 @@ from PIL import Image
 import pytest
 
 from dora_jax.cli import eval as eval_main
+from dora_jax import config_base
 from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
 from dora_jax.evaluation import track
+from dora_jax import objects
 from dora_jax import pretrained
 from dora_jax.trainer import checkpoints
 from dora_jax.trainer import step as train_step
@@ -35,8 +37,7 @@ def run_dir(tmp_path_factory):
   """A work folder with one checkpoint of a freshly initialised tiny model (no training)."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _tiny_config()
-  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0), steps_per_epoch=1,
-                                         total_steps=1)
+  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
                                           keep=1)
   checkpointer.save(1, state, {})
@@ -99,7 +100,7 @@ def test_track_uses_the_checkpoints_teacher(run_dir, data, tmp_path, capsys):
   assert code == 0
   report = json.loads((out / eval_main.TRACK_REPORT).read_text())
   settings = track.TrackSettings(num_clips=2, frames_per_clip=2, frame_stride=3, short_side=16,
-                                 size_multiple=8, num_objects=2)
+                                 size_multiple=8, dora=objects.DoraOptions(num_objects=2), seed=0)
   expected = track.evaluate_tracking(pretrained.load_backbone(run_dir),
                                      str(data / "tour" / "walking_tour.mp4"), settings)
   assert report["track_iou"] == pytest.approx(expected["track_iou"])
@@ -108,6 +109,24 @@ def test_track_uses_the_checkpoints_teacher(run_dir, data, tmp_path, capsys):
   code, _, err = _main(["track", "--checkpoint", run_dir, "--data", str(data / "tour"),
                         "--out", str(tmp_path / "t2"), "--num-objects", "3"], capsys)
   assert code == 2 and "--num-objects 3 exceeds the backbone's 2 heads" in err
+
+
+def test_flags_that_a_training_config_has_default_to_config_bases(monkeypatch):
+  """The track and k-NN flags read config_base's defaults when the parser is built."""
+  changed = config_base.get_base_config()
+  changed.dora.update(num_objects=5, sinkhorn_iters=7, sinkhorn_epsilon=0.5,
+                      mask_threshold="batch_mean")
+  changed.eval.update(track_clips=9, knn_k=11, knn_temperature=0.5)
+  changed.seed = 4
+  monkeypatch.setattr(config_base, "get_base_config", lambda: changed)
+  parser = eval_main.build_parser()
+  track_args = parser.parse_args(["track", "--checkpoint", "c", "--data", "d", "--out", "o"])
+  assert (track_args.num_objects, track_args.sinkhorn_iters, track_args.sinkhorn_epsilon,
+          track_args.mask_threshold, track_args.clips, track_args.seed) == (
+              5, 7, 0.5, "batch_mean", 9, 4)
+  knn_args = parser.parse_args(["knn", "--checkpoint", "c", "--train", "t", "--val", "v",
+                                "--out", "o"])
+  assert (knn_args.k, knn_args.temperature) == (11, 0.5)
 
 
 def test_davis(run_dir, data, tmp_path, capsys):
@@ -134,6 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, data, tmp_path, capsys):
        "ImageSets/2017/val.txt does not exist"),
       (["track", "--checkpoint", run_dir, "--data", str(data / "train")],
        "holds 0 .mp4 videos"),
+      (["track", "--checkpoint", run_dir, "--data", str(data / "tour"), "--mask-threshold",
+        "median"], "--mask-threshold 'median': expected a number or one of 'mean', 'batch_mean'"),
   ]
   for args, message in cases:
     code, stdout, err = _main(args + ["--out", str(out)], capsys)

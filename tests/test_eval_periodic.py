@@ -14,6 +14,7 @@ from dora_jax.evaluation import periodic
 from dora_jax.evaluation import seg
 from dora_jax.evaluation import seg_data
 from dora_jax.evaluation import track
+from dora_jax import objects
 from dora_jax.models import vit
 
 
@@ -59,7 +60,8 @@ def test_settings_are_checked_and_derived_from_the_training_config():
   assert settings.track_data == "/x/demo"
   assert settings.track == track.TrackSettings(
       num_clips=16, frames_per_clip=3, frame_stride=2, short_side=16, size_multiple=8,
-      num_objects=2, sinkhorn_iters=3, sinkhorn_epsilon=0.05, mask_threshold="mean", seed=0)
+      dora=objects.DoraOptions(num_objects=2, sinkhorn_iters=3, sinkhorn_epsilon=0.05,
+                               mask_mode="remove", mask_threshold="mean"), seed=0)
 
 
 def test_missing_data_fails_when_the_evaluator_is_built(tmp_path):

@@ -30,8 +30,7 @@ def run_dir(tmp_path_factory):
   config.model.out_dim, config.model.head_hidden_dim, config.model.head_bottleneck_dim = 64, 32, 16
   config.data.global_size = 16
   workdir = str(tmp_path_factory.mktemp("run"))
-  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0), steps_per_epoch=1,
-                                         total_steps=1)
+  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
                                           keep=1)
   checkpointer.save(1, state, {})

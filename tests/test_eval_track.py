@@ -8,6 +8,7 @@ import pytest
 
 from dora_jax.data import synthetic
 from dora_jax.evaluation import track
+from dora_jax import objects
 from dora_jax.models import vit
 
 
@@ -56,7 +57,7 @@ def test_the_kernels_on_clips_of_the_tour(tour):
   model = vit.VisionTransformer(None, dim=32, depth=2, num_heads=4, patch_size=8, img_size=16,
                                 rngs=nnx.Rngs(0))
   settings = track.TrackSettings(num_clips=3, frames_per_clip=3, frame_stride=2, short_side=16,
-                                 size_multiple=8, num_objects=2)
+                                 size_multiple=8, dora=objects.DoraOptions(num_objects=2), seed=0)
   frames, masks = track.load_tour(tour)
   clip_frames, clip_masks = track.make_clips(frames, masks, settings)
   # Anchors 0, 4 and 8 (spread over the 12 - 4 possible), frames 2 apart, 36 x 64 -> 16 x 24.
@@ -84,4 +85,6 @@ def test_tour_errors_are_one_line(tmp_path, tour):
     track.load_tour(str(tmp_path / "video.mp4"))
   with pytest.raises(track.TourError, match="spans 31"):
     track.make_clips(np.zeros((12, 8, 8, 3), np.uint8), np.zeros((12, 8, 8), np.uint8),
-                     track.TrackSettings(frames_per_clip=4, frame_stride=10))
+                     track.TrackSettings(num_clips=2, frames_per_clip=4, frame_stride=10,
+                                         short_side=8, size_multiple=8,
+                                         dora=objects.DoraOptions(), seed=0))

@@ -385,7 +385,7 @@ def run_dir(tmp_path_factory):
                       head_hidden_dim=16, head_bottleneck_dim=8)
   config.data.global_size = IMG
   # The state's shapes without compiling anything, filled with random values.
-  _, abstract = train_step.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
+  _, abstract = train_step.abstract_train_state(config)
   rng = np.random.default_rng(0)
   state = jax.tree.map(
       lambda leaf: (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)

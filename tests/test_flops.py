@@ -8,6 +8,7 @@ import pytest
 
 from dora_jax.trainer import compilation
 from dora_jax.trainer import flops
+from dora_jax.trainer import schedules
 
 
 def test_compiled_flops_of_a_matmul_is_2mkn():
@@ -83,15 +84,16 @@ def test_flops_of_a_scanned_step_are_those_of_the_unrolled_step(tiny_config):
 
   def jitted(scan):
     config = tiny_config(**{"model.depth": 5, "model.scan": scan, "model.dim": 128})
-    graphdef, state = train_step.abstract_train_state(config, steps_per_epoch=10, total_steps=100)
-    return jax.jit(train_step.make_train_step(config, graphdef, steps_per_epoch=10,
-                                              total_steps=100),
-                   in_shardings=(sharding.replicated(mesh), batch_sharding)), state
+    graphdef, state = train_step.abstract_train_state(config)
+    return jax.jit(train_step.make_train_step(config, graphdef),
+                   in_shardings=(sharding.replicated(mesh), batch_sharding,
+                                 sharding.replicated(mesh))), state
 
   (scanned, state), (unrolled, _) = jitted(True), jitted(False)
-  truth = compilation.compile_step(unrolled, state, batch).flops
-  looped = compilation.compile_step(scanned, state, batch).flops
-  corrected = compilation.compile_step(scanned, state, batch, unrolled=unrolled,
+  schedule = schedules.make_schedules(tiny_config(), steps_per_epoch=10, total_steps=100).at(0)
+  truth = compilation.compile_step(unrolled, state, batch, schedule).flops
+  looped = compilation.compile_step(scanned, state, batch, schedule).flops
+  corrected = compilation.compile_step(scanned, state, batch, schedule, unrolled=unrolled,
                                        loop_shards=4).flops
   assert looped < 0.75 * truth  # 4 scanned blocks counted as one.
   np.testing.assert_allclose(corrected, truth, rtol=0.02)

@@ -13,6 +13,7 @@ import pytest
 from conftest import make_tiny_config
 from dora_jax.trainer import checkpoints
 from dora_jax.trainer import sharding
+from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
 STEPS_PER_EPOCH, TOTAL_STEPS, MIN_SIZE = 10, 100, 1024
@@ -31,9 +32,7 @@ def _batches(config, count):
 def setup():
   config = make_tiny_config(**{"optim.warmup_epochs": 0, "optim.freeze_last_layer_epochs": 0,
                                "mesh.fsdp_min_size": MIN_SIZE})
-  graphdef, state = train_step.init_train_state(
-      config, rng=jax.random.PRNGKey(0), steps_per_epoch=STEPS_PER_EPOCH,
-      total_steps=TOTAL_STEPS)
+  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   return config, graphdef, jax.device_get(state), _batches(config, 3)
 
 
@@ -49,14 +48,16 @@ def _run(setup, data, fsdp, start_state=None, steps=3, first_batch=0):
   shardings = sharding.state_shardings(abstract, mesh, MIN_SIZE)
   if (data, fsdp) not in _STEPS:
     _STEPS[(data, fsdp)] = jax.jit(
-        train_step.make_train_step(config, graphdef, steps_per_epoch=STEPS_PER_EPOCH,
-                                   total_steps=TOTAL_STEPS),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        train_step.make_train_step(config, graphdef),
+        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)))
   step = _STEPS[(data, fsdp)]
   state = start_state if start_state is not None else jax.device_put(initial, shardings)
+  schedule = schedules.make_schedules(config, steps_per_epoch=STEPS_PER_EPOCH,
+                                      total_steps=TOTAL_STEPS)
   for batch in batches[first_batch:first_batch + steps]:
-    state, _ = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)))
+    state, _ = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)),
+                    schedule.at(jax.device_get(state["step"])))
   return state, shardings, mesh
 
 

@@ -28,6 +28,14 @@ def test_options_are_parsed_once_and_checked_with_the_key_in_the_message():
       objects.DoraOptions.from_config(_dora_config(**overrides), num_heads=6)
 
 
+def test_the_default_options_are_config_bases():
+  """DoraOptions() is config_base's dora section parsed (its defaults are read, not retyped)."""
+  base = objects.DoraOptions.from_config(config_base.get_base_config().dora, num_heads=6)
+  assert objects.DoraOptions() == base
+  assert objects.DoraOptions(num_objects=2) == objects.DoraOptions(
+      2, base.sinkhorn_iters, base.sinkhorn_epsilon, base.mask_mode, base.mask_threshold)
+
+
 def test_object_views_shapes_and_remove_mode_hides_chosen_objects():
   batch, frames, heads, size, patch, d_head = 2, 3, 4, 16, 4, 8
   tokens = (size // patch) ** 2 + 1

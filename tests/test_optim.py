@@ -21,7 +21,7 @@ def make(clip=MAX_NORM):
       weight_decay_start=0.04, weight_decay_end=0.4, momentum_start=0.996,
       teacher_temp_start=0.04, teacher_temp_end=0.04, teacher_temp_warmup_epochs=0,
       freeze_last_layer_steps=FREEZE_STEPS)
-  return optim.make_optimizer(config, schedule), schedule
+  return optim.make_optimizer(config), schedule
 
 
 def params_like(rng):
@@ -69,11 +69,12 @@ def test_frozen_last_layer_is_unchanged_and_the_rest_is_adamw():
   state = optimizer.init(params)
   update = jax.jit(optimizer.update)
   body, last = split(params)
-  reference = reference_adamw(schedule.learning_rate, schedule.weight_decay)  # count = step
+  reference = reference_adamw(lambda count: schedule.learning_rate(int(count)),
+                              lambda count: schedule.weight_decay(int(count)))  # count = step
   reference_state = reference.init(body)
   for step in range(FREEZE_STEPS):
     grads = gradients(rng, params, scale=2.0)  # some tensors above the clip norm, some below
-    updates, state = update(grads, state, params, step=jnp.int32(step))
+    updates, state = update(grads, state, params, **schedule.at(step))
     new_params = optax.apply_updates(params, updates)
     body_updates, reference_state = reference.update(split(grads)[0], reference_state, body)
     assert_trees_close(split(updates)[0], body_updates)
@@ -89,10 +90,10 @@ def test_first_update_after_unfreezing_is_a_fresh_adamw():
   state = optimizer.init(params)
   update = jax.jit(optimizer.update)
   for step in range(FREEZE_STEPS):  # the frozen epoch, with gradients on the last layer
-    updates, state = update(gradients(rng, params), state, params, step=jnp.int32(step))
+    updates, state = update(gradients(rng, params), state, params, **schedule.at(step))
     params = optax.apply_updates(params, updates)
   grads = gradients(rng, params)
-  updates, state = update(grads, state, params, step=jnp.int32(FREEZE_STEPS))
+  updates, state = update(grads, state, params, **schedule.at(FREEZE_STEPS))
   # A fresh AdamW with the learning rate and weight decay of the global step FREEZE_STEPS.
   fresh = reference_adamw(float(schedule.learning_rate(FREEZE_STEPS)),
                           float(schedule.weight_decay(FREEZE_STEPS)))
@@ -111,7 +112,7 @@ def test_weight_decay_on_matrices_tokens_and_the_head_gain_only():
   zero = jax.tree.map(jnp.zeros_like, params)
   step = FREEZE_STEPS  # the last layer is thawed: every parameter is updated
   updates, _ = jax.jit(optimizer.update)(zero, optimizer.init(params), params,
-                                         step=jnp.int32(step))
+                                         **schedule.at(step))
   rate = float(schedule.learning_rate(step)) * float(schedule.weight_decay(step))
   decayed = {"kernel", "cls_token", "last_layer_v", "last_layer_g"}
 
@@ -140,8 +141,28 @@ def test_per_tensor_clip_equals_numpy():
   np.testing.assert_allclose(np.asarray(clipped["small"]), grads["small"], rtol=1e-6)
 
 
-def test_update_needs_the_global_step():
-  optimizer, _ = make()
+def test_update_needs_the_schedule_inputs():
+  optimizer, schedule = make()
   params = params_like(np.random.default_rng(4))
-  with pytest.raises(ValueError, match="step"):
-    optimizer.update(params, optimizer.init(params), params)
+  with pytest.raises(ValueError, match="last_layer_frozen"):
+    optimizer.update(params, optimizer.init(params), params,
+                     lr=schedule.learning_rate(0), weight_decay=schedule.weight_decay(0))
+
+
+def test_the_last_layer_follows_the_frozen_input_not_the_step():
+  """The freeze is an input: the same update frozen and thawed; nothing counts steps inside."""
+  rng = np.random.default_rng(5)
+  optimizer, schedule = make()
+  params = params_like(rng)
+  grads = gradients(rng, params)
+  update = jax.jit(optimizer.update)
+  inputs = schedule.at(FREEZE_STEPS)  # thawed
+  thawed, _ = update(grads, optimizer.init(params), params, **inputs)
+  frozen, state = update(grads, optimizer.init(params), params,
+                         **dict(inputs, last_layer_frozen=np.bool_(True)))
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(split(frozen)[1]))
+  assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(split(thawed)[1]))
+  assert_trees_close(split(frozen)[0], split(thawed)[0])
+  # The frozen layer's Adam state did not start: thawing next gives the fresh AdamW's update.
+  again, _ = update(grads, state, params, **inputs)
+  assert_trees_close(split(again)[1], split(thawed)[1])

@@ -9,6 +9,7 @@ import pytest
 from dora_jax import config_base
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
 
@@ -84,11 +85,10 @@ def test_train_step_with_remat_and_scan_equals_the_plain_step(tiny_config):
   for options in ({"model.scan": False, "model.remat": "none"},
                   {"model.remat": "dots", "model.scan": True}):
     config = tiny_config(**{"model.depth": 3, "model.drop_path_rate": 0.2, **options})
-    graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0),
-                                                  steps_per_epoch=10, total_steps=100)
-    step = jax.jit(train_step.make_train_step(config, graphdef, steps_per_epoch=10,
-                                              total_steps=100))
-    results.append(step(state, batch))
+    graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+    step = jax.jit(train_step.make_train_step(config, graphdef))
+    schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=100).at(0)
+    results.append(step(state, batch, schedule))
   (plain_state, plain_metrics), (state, metrics) = results
   np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

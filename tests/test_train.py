@@ -81,10 +81,7 @@ def straight_run(launched):
 def _final_state(workdir, config):
   manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=10)
   step = manager.latest_step()
-  num_clips = preflight.prepare_data(config, workdir)[1].num_clips
-  steps_per_epoch, total_steps = preflight.schedule_length(config, num_clips)
-  _, abstract = train_step.abstract_train_state(
-      config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  _, abstract = train_step.abstract_train_state(config)
   mesh = sharding.make_mesh(config.mesh)
   abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
   state, data_state = manager.restore(step, abstract)
@@ -196,6 +193,22 @@ def test_checkpoint_of_another_model_stops_the_run(data_dir, straight_run, tmp_p
   assert _tree(workdir) == before
 
 
+def test_an_extended_run_loads_its_train_step_from_the_cache(data_dir, env, straight_run,
+                                                             tmp_path):
+  """More total_steps on a finished run's folder: the schedules are the step's inputs, so the
+  step compiled for the shorter run (the shared cache of `env`) is the one loaded."""
+  workdir = str(tmp_path / "extended")
+  shutil.copytree(straight_run, workdir)
+  total = TINY["total_steps"] + 2
+  # jax then logs at WARNING each persistent-cache hit and each miss.
+  logged = dict(env, JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+  stderr = run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir] + demo_flags(
+      data_dir, **RUN, total_steps=total, eval__every_steps=0, picture_every_steps=0), logged)
+  assert "Persistent compilation cache hit for 'jit_step'" in stderr, stderr[-3000:]
+  assert "CACHE MISS for 'jit_step'" not in stderr
+  assert metrics.read_metrics(workdir)[-1]["step"] == total
+
+
 @pytest.fixture(scope="module")
 def dino_run(launched):
   return _wait(launched["dino"])
@@ -212,7 +225,7 @@ def test_dino_baseline_runs_the_same_loop_without_tracking(data_dir, dino_run):
   assert "8" in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
   # The run's mesh was 2 x 2 and its larger arrays were split over 'fsdp'.
   config = demo_config(data_dir, **FSDP)
-  _, abstract = train_step.abstract_train_state(config, steps_per_epoch=9, total_steps=16)
+  _, abstract = train_step.abstract_train_state(config)
   mesh = sharding.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
   specs = [s.spec for s in jax.tree.leaves(

@@ -1,5 +1,8 @@
 """The jitted DoRA (and DINO) update on a tiny model: it learns, the teacher is an EMA, it is
-deterministic; DINO's loss pairs different views."""
+deterministic; DINO's loss pairs different views; with the schedules as inputs it computes what
+the step with the schedules inside did."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,11 +49,14 @@ def tiny_batch(seed=0, batch=2, frames=2, crops=2, second_frames=False):
   return out
 
 
-def setup(config):
-  graphdef, state = train_step.init_train_state(
-      config, rng=jax.random.PRNGKey(0), steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS)
-  step = jax.jit(train_step.make_train_step(
-      config, graphdef, steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS))
+def setup(config, steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS):
+  """(graphdef, state, step(state, batch)): the jitted step fed, as the trainer does, the host's
+  schedule values at the state's step."""
+  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  jitted = jax.jit(train_step.make_train_step(config, graphdef))
+  schedule = schedules.make_schedules(config, steps_per_epoch=steps_per_epoch,
+                                      total_steps=total_steps)
+  step = lambda state, batch: jitted(state, batch, schedule.at(int(state["step"])))
   return graphdef, state, step
 
 
@@ -146,15 +152,14 @@ def test_last_layer_frozen_during_first_epoch(dora_run):
 def test_no_weight_decay_on_one_dimensional_parameters():
   config = tiny_config()
   config.optim.weight_decay = config.optim.weight_decay_end = 0.5
-  graphdef, state = train_step.init_train_state(
-      config, rng=jax.random.PRNGKey(0), steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS)
+  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   schedule = schedules.make_schedules(config, steps_per_epoch=STEPS_PER_EPOCH,
                                       total_steps=TOTAL_STEPS)
-  optimizer = optim.make_optimizer(config, schedule)
+  optimizer = optim.make_optimizer(config)
   zero_grads = jax.tree.map(jnp.zeros_like, state["student"])
   step = STEPS_PER_EPOCH  # the head's last layer is thawed: every parameter is updated
   updates, _ = jax.jit(optimizer.update)(zero_grads, state["opt_state"], state["student"],
-                                         step=jnp.int32(step))
+                                         **schedule.at(step))
   lr = float(schedule.learning_rate(step))
   for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(state["student"])):
     update, param = np.asarray(update), np.asarray(param)
@@ -259,3 +264,47 @@ def test_bad_batches_raise_at_trace_time_and_bad_options_before(dora_run):
   too_many = tiny_config(num_objects=5)  # the tiny ViT has 4 heads
   with pytest.raises(ValueError, match="dora.num_objects=5"):
     setup(too_many)
+
+
+# The step's output before the schedules became its inputs (issue 18), saved by the code of
+# commit e3086e0 for `reference_config()` on `tiny_batch(i)`, i = 0..7: per-step metrics
+# ('metrics/NAME', (8,)), the final centre, and every 64th-or-so entry of each student and
+# teacher parameter ('student/PATH', flattened, `[::max(1, size // 64)]`).
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "train_step_before_issue18.npz")
+REFERENCE_STEPS_PER_EPOCH, REFERENCE_TOTAL_STEPS = 3, 12
+
+
+def reference_config():
+  """Every schedule moves within 8 steps: the learning-rate warm-up (3 steps) and its cosine,
+  the teacher temperature's warm-up (0.04 to 0.07 over 3 epochs), the last layer's thaw (step 3)."""
+  config = tiny_config()
+  config.optim.warmup_epochs = 1
+  config.optim.freeze_last_layer_epochs = 1
+  config.loss.warmup_teacher_temp_epochs = 3
+  config.loss.teacher_temp = 0.07
+  config.loss.center_momentum = 0.9
+  return config
+
+
+def test_step_equals_the_step_with_the_schedules_inside():
+  saved = np.load(REFERENCE)
+  _, state, step = setup(reference_config(), REFERENCE_STEPS_PER_EPOCH, REFERENCE_TOTAL_STEPS)
+  metrics = []
+  for i in range(len(saved["metrics/loss"])):
+    state, step_metrics = step(state, tiny_batch(i))
+    metrics.append(step_metrics)
+  for name in metrics[0]:
+    np.testing.assert_allclose([float(m[name]) for m in metrics], saved[f"metrics/{name}"],
+                               rtol=1e-5, atol=1e-7, err_msg=name)
+  np.testing.assert_allclose(np.asarray(state["center"]), saved["center"], rtol=1e-5, atol=1e-7)
+  # atol: a parameter whose gradient is zero up to rounding (the attention's key bias: the
+  # softmax ignores it) gets Adam updates of +-lr from that rounding noise, 4e-4 here.
+  compared = 0
+  for part in ("student", "teacher"):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state[part]):
+      flat = np.asarray(leaf).ravel()
+      np.testing.assert_allclose(flat[::max(1, flat.size // 64)],
+                                 saved[f"{part}/{jax.tree_util.keystr(path)}"],
+                                 rtol=1e-5, atol=1e-5, err_msg=f"{part}{path}")
+      compared += 1
+  assert compared == len([k for k in saved if k.startswith(("student/", "teacher/"))])

@@ -14,7 +14,8 @@ validation/), or --train/--val tfds:NAME:SPLIT with a 'segmentation_mask'. VOC_R
 VOC2007/2012 folder (JPEGImages, Annotations, ImageSets/Main). Each writes a JSON report in DIR
 (knn.json, davis_metrics.json with the masks and pictures, track.json, seg_metrics.json with
 pred/, pictures/ and the readout, discover.json with pictures) and prints a summary. Bad input: a
-one-line error and exit status 2.
+one-line error and exit status 2. The flags that a training config also has (k-NN, the DoRA
+kernels, the clips) default to config_base.py's values.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import json
 import os
 import sys
 from typing import Any, Sequence
+
+from dora_jax import config_base
 
 KNN_REPORT = "knn.json"
 TRACK_REPORT = "track.json"
@@ -109,9 +112,16 @@ def run_davis(args: argparse.Namespace) -> str:
 
 
 def run_track(args: argparse.Namespace) -> str:
+  from dora_jax import objects  # pylint: disable=g-import-not-at-top
+  from dora_jax import tracking  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import track  # pylint: disable=g-import-not-at-top
 
   tour = track.load_tour(args.data)  # Checks before loading the checkpoint.
+  try:
+    threshold = objects.parse_threshold(args.mask_threshold)
+  except ValueError:
+    raise InputError(f"--mask-threshold {args.mask_threshold!r}: expected a number or one of "
+                     f"{', '.join(repr(r) for r in tracking.THRESHOLD_RULES)}.") from None
   backbone = load_backbone(args.checkpoint)
   if args.num_objects > backbone.size.num_heads:
     raise InputError(f"--num-objects {args.num_objects} exceeds the backbone's "
@@ -119,8 +129,10 @@ def run_track(args: argparse.Namespace) -> str:
   settings = track.TrackSettings(
       num_clips=args.clips, frames_per_clip=args.frames_per_clip, frame_stride=args.frame_stride,
       short_side=args.short_side, size_multiple=args.size_multiple or backbone.size.patch_size,
-      num_objects=args.num_objects, sinkhorn_iters=args.sinkhorn_iters,
-      sinkhorn_epsilon=args.sinkhorn_epsilon, mask_threshold=args.mask_threshold, seed=args.seed)
+      dora=objects.DoraOptions(num_objects=args.num_objects, sinkhorn_iters=args.sinkhorn_iters,
+                               sinkhorn_epsilon=args.sinkhorn_epsilon,
+                               mask_threshold=threshold),
+      seed=args.seed)
   report = track.evaluate_tracking(backbone, tour, settings, batch_size=args.batch_size)
   report.update(tour=os.path.abspath(args.data), checkpoint=os.path.abspath(args.checkpoint))
   path = os.path.join(args.out, TRACK_REPORT)
@@ -184,15 +196,6 @@ def run_discover(args: argparse.Namespace) -> str:
           f"{report['num_images']} images of {args.split}) -> {path}")
 
 
-def _threshold(value: str) -> str | float:
-  if value == "mean":
-    return value
-  try:
-    return float(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected 'mean' or a number, got {value!r}") from None
-
-
 def _positive_int(value: str) -> int:
   try:
     number = int(value)
@@ -204,6 +207,7 @@ def _positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  base = config_base.get_base_config()
   parser = argparse.ArgumentParser(
       prog="dora-eval", description="Evaluate the teacher of a dora-train run.")
   commands = parser.add_subparsers(dest="command", required=True,
@@ -221,13 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
   knn.add_argument("--train", required=True, help="Image folder or tfds:NAME:SPLIT (memory bank).")
   knn.add_argument("--val", required=True, help="Image folder or tfds:NAME:SPLIT (classified).")
   knn.add_argument("--tfds-data-dir", default=None, help="data_dir of tfds sources.")
-  knn.add_argument("--k", type=_positive_int, default=20, help="Neighbours that vote.")
-  knn.add_argument("--temperature", type=float, default=0.07, help="Vote temperature.")
+  knn.add_argument("--k", type=_positive_int, default=base.eval.knn_k,
+                   help="Neighbours that vote.")
+  knn.add_argument("--temperature", type=float, default=base.eval.knn_temperature,
+                   help="Vote temperature.")
   knn.add_argument("--batch-size", type=_positive_int, default=256,
                    help="Images per step over all local devices.")
-  knn.add_argument("--resize-size", type=_positive_int, default=256,
+  knn.add_argument("--resize-size", type=_positive_int, default=base.eval.knn_resize_size,
                    help="Shorter side after the resize.")
-  knn.add_argument("--crop-size", type=_positive_int, default=224, help="Centre crop side.")
+  knn.add_argument("--crop-size", type=_positive_int, default=base.eval.knn_crop_size,
+                   help="Centre crop side.")
   knn.add_argument("--linear-probe", action="store_true",
                    help="Also fit a linear probe (L-BFGS logistic regression) on the same "
                    "features: linear_top1 in the report.")
@@ -253,17 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
   track = command("track", "Tracking IoU of the DoRA kernels on the synthetic walking tour.")
   track.add_argument("--data", required=True,
                      help="The synthetic tour (.mp4 beside its .masks.npz) or its folder.")
-  track.add_argument("--clips", type=_positive_int, default=16)
+  track.add_argument("--clips", type=_positive_int, default=base.eval.track_clips)
+  # The synthetic tour's clips, shorter than the config's WT-Venice ones (data.frames_per_clip,
+  # data.frame_stride).
   track.add_argument("--frames-per-clip", type=_positive_int, default=4)
   track.add_argument("--frame-stride", type=_positive_int, default=10)
-  track.add_argument("--short-side", type=_positive_int, default=224)
+  track.add_argument("--short-side", type=_positive_int, default=base.data.global_size)
   track.add_argument("--size-multiple", type=int, default=0,
                      help="Longer side rounded down to this (0: the patch size).")
-  track.add_argument("--num-objects", type=_positive_int, default=3)
-  track.add_argument("--sinkhorn-iters", type=_positive_int, default=3)
-  track.add_argument("--sinkhorn-epsilon", type=float, default=0.05)
-  track.add_argument("--mask-threshold", type=_threshold, default="mean")
-  track.add_argument("--seed", type=int, default=0, help="Picks the discovery heads.")
+  track.add_argument("--num-objects", type=_positive_int, default=base.dora.num_objects)
+  track.add_argument("--sinkhorn-iters", type=_positive_int, default=base.dora.sinkhorn_iters)
+  track.add_argument("--sinkhorn-epsilon", type=float, default=base.dora.sinkhorn_epsilon)
+  track.add_argument("--mask-threshold", default=base.dora.mask_threshold,
+                     help="A number, or a rule: 'mean' (of each heat map), 'batch_mean'.")
+  track.add_argument("--seed", type=int, default=base.seed, help="Picks the discovery heads.")
   track.add_argument("--batch-size", type=_positive_int, default=32, help="Frames per step.")
   track.set_defaults(run=run_track)
 

@@ -150,9 +150,9 @@ def export_init(config_spec: str, out_dir: str, *, seed: int | None = None) -> d
     raise _Error(str(e)) from None
   seed = config.seed if seed is None else seed
   # As the trainer initialises a run: one compiled init from PRNGKey(seed).
-  graphdef, _ = train_step.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
+  graphdef, _ = train_step.abstract_train_state(config)
   state = jax.jit(lambda rng: train_step.init_train_state(
-      config, rng=rng, steps_per_epoch=1, total_steps=1)[1])(jax.random.PRNGKey(seed))
+      config, rng=rng)[1])(jax.random.PRNGKey(seed))
   backbone = train_step.teacher_backbone(graphdef, state)
   tmp_dir = export.temporary_sibling(out_dir, folder=True)
   try:

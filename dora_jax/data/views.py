@@ -45,6 +45,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from dora_jax import config_base
+
 # One thread per process: grain's input workers are one process per core, and in the trainer's
 # process OpenCV's threads would compete with XLA's. At import, so every worker process has it.
 cv2.setNumThreads(1)
@@ -52,39 +54,41 @@ cv2.setNumThreads(1)
 Box = tuple[float, float, float, float]  # (left, top, width, height) in pixels.
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewConfig:
-  """The view settings, from the `data` section of the config (see config_base.py)."""
-  global_pre_size: int = 300
-  global_pre_scale: tuple[float, float] = (0.2, 1.0)
-  global_size: int = 224
-  global_scale: tuple[float, float] = (0.4, 1.0)
-  global_crops_per_frame: int = 1
-  num_local_crops: int = 6
-  local_size: int = 112
-  local_scale: tuple[float, float] = (0.05, 0.4)
-  flip_prob: float = 0.5
-  local_flip_prob: float = 0.0
-  color_jitter_prob: float = 0.8
-  brightness: float = 0.4
-  contrast: float = 0.4
-  saturation: float = 0.2
-  hue: float = 0.1
-  grayscale_prob: float = 0.2
-  global_blur_prob: float = 0.1
-  second_global_blur_prob: float = 0.1
-  second_global_solarize_prob: float = 0.2
-  local_blur_prob: float = 0.5
-  blur_sigma: tuple[float, float] = (0.1, 2.0)
+# The `data` keys the views read. config_base.py declares each (what it is, its default, its
+# type); `ViewConfig` is built from that declaration, not a copy of it.
+VIEW_KEYS = ("global_pre_size", "global_pre_scale", "global_size", "global_scale",
+             "global_crops_per_frame", "num_local_crops", "local_size", "local_scale",
+             "flip_prob", "local_flip_prob", "color_jitter_prob", "brightness", "contrast",
+             "saturation", "hue", "grayscale_prob", "global_blur_prob", "second_global_blur_prob",
+             "second_global_solarize_prob", "local_blur_prob", "blur_sigma")
 
-  @classmethod
-  def from_config(cls, data_config: Any) -> "ViewConfig":
-    values = {}
-    for field in dataclasses.fields(cls):
-      value = data_config[field.name]
-      values[field.name] = tuple(float(v) for v in value) if isinstance(
-          field.default, tuple) else type(field.default)(value)
-    return cls(**values)
+
+def _typed_like(default: Any, value: Any) -> Any:
+  """`value` in the type of config_base's default: a tuple of floats, or the default's type."""
+  if isinstance(default, tuple):
+    return tuple(float(v) for v in value)
+  return type(default)(value)
+
+
+def _from_config(cls, data_config: Any):
+  """The view settings of a config's `data` section (a ConfigDict or a dict)."""
+  return cls(**{field.name: _typed_like(field.default, data_config[field.name])
+                for field in dataclasses.fields(cls)})
+
+
+def _view_config_class() -> type:
+  defaults = config_base.get_base_config().data
+  fields = [(key, type(defaults[key]), dataclasses.field(default=defaults[key]))
+            for key in VIEW_KEYS]
+  cls = dataclasses.make_dataclass("ViewConfig", fields, frozen=True,
+                                   namespace={"from_config": classmethod(_from_config)})
+  cls.__module__ = __name__  # Pickled by name into grain's worker processes.
+  cls.__doc__ = ("The view settings: the `VIEW_KEYS` of the config's `data` section, with "
+                 "config_base.py's defaults and types (`ViewConfig.from_config(config.data)`).")
+  return cls
+
+
+ViewConfig = _view_config_class()
 
 
 def random_resized_box(rng: np.random.Generator, width: int, height: int,

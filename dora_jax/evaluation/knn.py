@@ -20,8 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dora_jax import config_base
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import probe as probe_lib
+
+# k, the temperature and the image sizes default to the config's eval.knn_* (DINO's values).
+_DEFAULTS = config_base.get_base_config().eval
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -77,9 +81,9 @@ def _check(name: str, features: np.ndarray, labels: np.ndarray, num_classes: int
                      f"[{labels.min()}, {labels.max()}].")
 
 
-def knn_votes(train_features, train_labels, test_features, *, k: int = 20,
-              temperature: float = 0.07, num_classes: int, batch_size: int = 256,
-              chunk_size: int = 65536) -> np.ndarray:
+def knn_votes(train_features, train_labels, test_features, *, k: int = _DEFAULTS.knn_k,
+              temperature: float = _DEFAULTS.knn_temperature, num_classes: int,
+              batch_size: int = 256, chunk_size: int = 65536) -> np.ndarray:
   """The summed votes of DINO's weighted k-NN for every test feature.
 
   Args:
@@ -128,8 +132,9 @@ def knn_votes(train_features, train_labels, test_features, *, k: int = 20,
   return np.concatenate(votes)
 
 
-def knn_classifier(train_features, train_labels, test_features, test_labels, *, k: int = 20,
-                   temperature: float = 0.07, num_classes: int, batch_size: int = 256,
+def knn_classifier(train_features, train_labels, test_features, test_labels, *,
+                   k: int = _DEFAULTS.knn_k, temperature: float = _DEFAULTS.knn_temperature,
+                   num_classes: int, batch_size: int = 256,
                    chunk_size: int = 65536) -> tuple[float, float]:
   """DINO's weighted k-NN accuracy: (top1, top5) in percent.
 
@@ -148,8 +153,10 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, *, 
   return (100.0 * float(correct[:, 0].mean()), 100.0 * float(correct[:, :top].any(axis=1).mean()))
 
 
-def evaluate_knn(backbone, train_source, val_source, *, k: int = 20, temperature: float = 0.07,
-                 batch_size: int = 256, resize_size: int = 256, crop_size: int = 224,
+def evaluate_knn(backbone, train_source, val_source, *, k: int = _DEFAULTS.knn_k,
+                 temperature: float = _DEFAULTS.knn_temperature, batch_size: int = 256,
+                 resize_size: int = _DEFAULTS.knn_resize_size,
+                 crop_size: int = _DEFAULTS.knn_crop_size,
                  num_threads: int = 0, progress: bool = True, linear_probe: bool = False) -> dict:
   """The k-NN accuracy of a backbone's [CLS] features: val images classified by train images.
 

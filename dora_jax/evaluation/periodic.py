@@ -33,6 +33,7 @@ from dora_jax.evaluation import seg as seg_lib
 from dora_jax.evaluation import seg_data
 from dora_jax.evaluation import track as track_lib
 from dora_jax.models import dino
+from dora_jax import objects
 
 DEMO_TOUR = "demo"  # eval.track_data value: the run's own synthetic tour (data.synthetic).
 
@@ -77,17 +78,14 @@ class EvalSettings:
         raise ValueError('config key eval.track_data="demo" needs the synthetic tour of '
                          "data.synthetic; set data.synthetic=True or give a tour's path.")
       track_data = demo_tour
-    patch_size = dino.model_size(config.model).patch_size
+    size = dino.model_size(config.model)
     track = track_lib.TrackSettings(
         num_clips=int(e.track_clips),
         frames_per_clip=int(e.track_frames_per_clip or config.data.frames_per_clip),
         frame_stride=int(e.track_frame_stride or config.data.frame_stride),
         short_side=int(e.track_short_side or config.data.global_size),
-        size_multiple=patch_size,
-        num_objects=int(config.dora.num_objects),
-        sinkhorn_iters=int(config.dora.sinkhorn_iters),
-        sinkhorn_epsilon=float(config.dora.sinkhorn_epsilon),
-        mask_threshold=config.dora.mask_threshold,
+        size_multiple=size.patch_size,
+        dora=objects.DoraOptions.from_config(config.dora, num_heads=size.num_heads),
         seed=int(config.seed))
     seg = seg_lib.SegSettings(
         iterations=int(e.seg_iterations), batch_size=int(e.seg_batch_size),

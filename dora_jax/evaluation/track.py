@@ -38,17 +38,16 @@ class TourError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrackSettings:
-  """The clips and the DoRA kernels' settings (the kernels' defaults are the paper's)."""
-  num_clips: int = 16  # Clips, anchored evenly over the tour.
-  frames_per_clip: int = 4  # T: the anchor and T-1 frames it is tracked into.
-  frame_stride: int = 10  # Frames of the tour between two frames of a clip.
-  short_side: int = 224  # Frames resized to this shorter side...
-  size_multiple: int = 16  # ...and the longer side rounded down to a multiple of this.
-  num_objects: int = 3  # k: objects discovered per clip (<= the backbone's heads).
-  sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations of `refine`.
-  sinkhorn_epsilon: float = 0.05  # Its entropic regularisation.
-  mask_threshold: str | float = "mean"  # Heat maps binarised above their mean, or a float.
-  seed: int = 0  # The heads picked for discovery.
+  """The clips, and the DoRA kernels' settings as in training (their defaults: config_base's
+  `dora` section). No defaults here: the training config (`periodic`) and dora-eval's flags
+  (cli/eval.py) each give all of them."""
+  num_clips: int  # Clips, anchored evenly over the tour.
+  frames_per_clip: int  # T: the anchor and T-1 frames it is tracked into.
+  frame_stride: int  # Frames of the tour between two frames of a clip.
+  short_side: int  # Frames resized to this shorter side...
+  size_multiple: int  # ...and the longer side rounded down to a multiple of this.
+  dora: objects.DoraOptions  # num_objects (<= the backbone's heads), Sinkhorn, mask threshold.
+  seed: int  # The heads picked for discovery.
 
 
 def load_tour(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -130,13 +129,9 @@ def track_objects(encoder: features_lib.Encoder, clip_frames: np.ndarray,
            for i in range(0, len(flat), batch_size)]
   outputs = {name: np.concatenate([np.asarray(part[name]) for part in parts])
              for name in BACKBONE_OUTPUTS}
-  options = objects.DoraOptions(
-      num_objects=settings.num_objects, sinkhorn_iters=settings.sinkhorn_iters,
-      sinkhorn_epsilon=float(settings.sinkhorn_epsilon),
-      mask_threshold=objects.parse_threshold(settings.mask_threshold))
   masks = _tracked_masks(outputs, jax.random.PRNGKey(settings.seed),
                          clip_shape=(clips, frames_per_clip) + clip_frames.shape[2:4],
-                         options=options)
+                         options=settings.dora)
   return np.asarray(masks)
 
 
@@ -191,7 +186,7 @@ def tracking_iou(masks: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 
 
 def evaluate_tracking(backbone, tour: str | tuple[np.ndarray, np.ndarray],
-                      settings: TrackSettings = TrackSettings(), *,
+                      settings: TrackSettings, *,
                       batch_size: int = 32) -> dict[str, Any]:
   """The tracking IoU of a backbone on a synthetic tour (see the module docstring).
 

@@ -63,7 +63,7 @@ def load_backbone(path: str):
     raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint"
                             + (f" for step {step}" if step is not None else "") + ".")
   checkpoints.verify_step(checkpoint_dir, step, "teacher")
-  graphdef, abstract_state = train_step.abstract_train_state(config, steps_per_epoch=1, total_steps=1)
+  graphdef, abstract_state = train_step.abstract_train_state(config)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract_teacher = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

@@ -1,20 +1,29 @@
-"""Per-step schedules of the DINO/DoRA recipe (docs/DESIGN.md step 8), as jit-friendly functions.
+"""Per-step schedules of the DINO/DoRA recipe (docs/DESIGN.md step 8), computed on the host.
 
-All take the global step (an int32 array or int) and return float32 scalars.
+The train step takes the values of its step as inputs (`Schedules.at`), as DINO indexes its
+precomputed schedules: nothing that depends on the run's length is a constant of the compiled
+program, so a run extended (a larger `total_steps` or `epochs` on the same work folder) loads
+its compiled step from the persistent cache. The functions take the global step (an int) and
+compute in float64 (as DINO's NumPy schedules), rounded to float32 once at the end.
 """
 import dataclasses
 import math
-from typing import Callable
 
-import jax.numpy as jnp
+import numpy as np
 
-Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+# The step's inputs (`Schedules.at`), echoed in its metrics under the same names.
+LEARNING_RATE = "lr"
+WEIGHT_DECAY = "weight_decay"
+TEACHER_MOMENTUM = "teacher_momentum"
+TEACHER_TEMP = "teacher_temp"
+LAST_LAYER_FROZEN = "last_layer_frozen"
+SCALARS = (LEARNING_RATE, WEIGHT_DECAY, TEACHER_MOMENTUM, TEACHER_TEMP)  # The f32 ones.
 
 
-def _cosine(start: float, end: float, progress: jnp.ndarray) -> jnp.ndarray:
+def _cosine(start: float, end: float, progress: float) -> float:
   """start at progress 0, end at progress 1, half a cosine in between."""
-  progress = jnp.clip(progress, 0.0, 1.0)
-  return end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * progress))
+  progress = min(max(progress, 0.0), 1.0)
+  return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,34 +42,47 @@ class Schedules:
   teacher_temp_warmup_epochs: int
   freeze_last_layer_steps: int
 
-  def learning_rate(self, step) -> jnp.ndarray:
+  def learning_rate(self, step: int) -> np.float32:
     """Linear warm-up from 0 to the peak, then cosine to min_lr at total_steps."""
-    step = jnp.asarray(step, jnp.float32)
-    warm = self.peak_lr * step / max(self.warmup_steps, 1)
+    if step < self.warmup_steps:
+      return np.float32(self.peak_lr * step / max(self.warmup_steps, 1))
     decay_steps = max(self.total_steps - self.warmup_steps, 1)
-    cosine = _cosine(self.peak_lr, self.min_lr, (step - self.warmup_steps) / decay_steps)
-    return jnp.where(step < self.warmup_steps, warm, cosine).astype(jnp.float32)
+    return np.float32(_cosine(self.peak_lr, self.min_lr, (step - self.warmup_steps) / decay_steps))
 
-  def weight_decay(self, step) -> jnp.ndarray:
+  def weight_decay(self, step: int) -> np.float32:
     """Cosine from weight_decay to weight_decay_end over the run."""
-    progress = jnp.asarray(step, jnp.float32) / max(self.total_steps, 1)
-    return _cosine(self.weight_decay_start, self.weight_decay_end, progress).astype(jnp.float32)
+    progress = step / max(self.total_steps, 1)
+    return np.float32(_cosine(self.weight_decay_start, self.weight_decay_end, progress))
 
-  def teacher_momentum(self, step) -> jnp.ndarray:
+  def teacher_momentum(self, step: int) -> np.float32:
     """Teacher EMA momentum: cosine from its start value to 1 over the run."""
-    progress = jnp.asarray(step, jnp.float32) / max(self.total_steps, 1)
-    return _cosine(self.momentum_start, 1.0, progress).astype(jnp.float32)
+    return np.float32(_cosine(self.momentum_start, 1.0, step / max(self.total_steps, 1)))
 
-  def teacher_temp(self, step) -> jnp.ndarray:
+  def teacher_temp(self, step: int) -> np.float32:
     """Linear warm-up per epoch (as the reference), then constant."""
-    epoch = jnp.asarray(step, jnp.int32) // self.steps_per_epoch
-    warmup = max(self.teacher_temp_warmup_epochs, 1)
-    # The reference's linspace(start, end, warmup_epochs): epoch warmup-1 reaches `end`.
-    fraction = jnp.minimum(epoch.astype(jnp.float32) / max(warmup - 1, 1), 1.0)
-    warm = self.teacher_temp_start + fraction * (self.teacher_temp_end - self.teacher_temp_start)
     if self.teacher_temp_warmup_epochs <= 0:
-      warm = jnp.float32(self.teacher_temp_end)
-    return jnp.asarray(warm, jnp.float32)
+      return np.float32(self.teacher_temp_end)
+    epoch = step // self.steps_per_epoch
+    # The reference's linspace(start, end, warmup_epochs): epoch warmup-1 reaches `end`.
+    fraction = min(epoch / max(self.teacher_temp_warmup_epochs - 1, 1), 1.0)
+    return np.float32(self.teacher_temp_start
+                      + fraction * (self.teacher_temp_end - self.teacher_temp_start))
+
+  def last_layer_frozen(self, step: int) -> np.bool_:
+    """Whether the head's last layer is frozen at this step (the first epochs; see optim.py)."""
+    return np.bool_(step < self.freeze_last_layer_steps)
+
+  def at(self, step: int) -> dict[str, np.ndarray]:
+    """The train step's schedule inputs for global step `step` (before its update): float32
+    scalars, and the boolean `last_layer_frozen`."""
+    step = int(step)
+    return {
+        LEARNING_RATE: self.learning_rate(step),
+        WEIGHT_DECAY: self.weight_decay(step),
+        TEACHER_MOMENTUM: self.teacher_momentum(step),
+        TEACHER_TEMP: self.teacher_temp(step),
+        LAST_LAYER_FROZEN: self.last_layer_frozen(step),
+    }
 
 
 def make_schedules(config, *, steps_per_epoch: int, total_steps: int) -> Schedules:
@@ -83,3 +105,4 @@ def make_schedules(config, *, steps_per_epoch: int, total_steps: int) -> Schedul
       teacher_temp_warmup_epochs=int(config.loss.warmup_teacher_temp_epochs),
       freeze_last_layer_steps=int(round(optim.freeze_last_layer_epochs * steps_per_epoch)),
   )
+

@@ -10,8 +10,12 @@ The train state is one pytree (a dict) that orbax saves whole:
   center      (K,) float32, the EMA of the teacher's mean output
   rng         PRNG key (raw uint32 key data) for the step's randomness
 
-`make_train_step` returns `step(state, batch) -> (state, metrics)`; the trainer jits it with
-shardings and donation. Batches are uint8 and are normalised here, on the device.
+`make_train_step` returns `step(state, batch, schedule) -> (state, metrics)`; the trainer jits it
+with shardings and donation. `schedule` holds the step's learning rate, weight decay, teacher
+momentum and temperature (f32 scalars) and whether the head's last layer is frozen (bool), which
+the host computes (`schedules.Schedules.at`): the compiled step knows no run length, so a run
+extended on the same work folder loads it from the persistent cache. Batches are uint8 and are
+normalised here, on the device.
 """
 from typing import Any, Callable
 
@@ -30,6 +34,7 @@ from dora_jax.trainer import schedules as schedules_lib
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
+Schedule = dict[str, Any]  # `schedules.Schedules.at(step)`: NumPy or jax scalars.
 
 
 def build_model(config, rngs: nnx.Rngs) -> dino.DinoModel:
@@ -37,15 +42,12 @@ def build_model(config, rngs: nnx.Rngs) -> dino.DinoModel:
   return dino.build_model(config.model, img_size=config.data.global_size, rngs=rngs)
 
 
-def init_train_state(config, *, rng: jax.Array, steps_per_epoch: int,
-                     total_steps: int) -> tuple[nnx.GraphDef, TrainState]:
+def init_train_state(config, *, rng: jax.Array) -> tuple[nnx.GraphDef, TrainState]:
   """Fresh state: student initialised from `rng`, teacher a copy of it, zero centre.
 
   The initialisation runs as one compiled program (eagerly, each parameter shape would compile
   its own), and works under `jax.eval_shape` (the trainer plans shardings with that).
   """
-  schedule = schedules_lib.make_schedules(
-      config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   graphdefs = []
 
   def init(rng: jax.Array) -> TrainState:
@@ -58,15 +60,13 @@ def init_train_state(config, *, rng: jax.Array, steps_per_epoch: int,
         "student": params,
         "teacher": jax.tree.map(jnp.copy, params),
         "constants": constants,
-        "opt_state": optim.make_optimizer(config, schedule).init(params),
+        "opt_state": optim.make_optimizer(config).init(params),
         "center": jnp.zeros((config.model.out_dim,), jnp.float32),
         "rng": step_rng,
     }
 
   state = jax.jit(init)(rng)
   return graphdefs[-1], state
-
-
 
 
 def _check_batch(batch: Batch) -> None:
@@ -192,17 +192,20 @@ def _dino_loss(config, teacher: dino.DinoModel, student: dino.DinoModel, center:
   return loss, aux
 
 
-def make_train_step(config, graphdef: nnx.GraphDef, *, steps_per_epoch: int,
-                    total_steps: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The pure update `step(state, batch) -> (state, metrics)` for this config and run length."""
-  schedule = schedules_lib.make_schedules(
-      config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  optimizer = optim.make_optimizer(config, schedule)
+def make_train_step(config, graphdef: nnx.GraphDef
+                    ) -> Callable[[TrainState, Batch, Schedule], tuple[TrainState, dict]]:
+  """The pure update `step(state, batch, schedule) -> (state, metrics)` for this config.
+
+  schedule: `schedules.Schedules.at(step)` of the state's step, f32 scalars (lr, weight_decay,
+    teacher_momentum, teacher_temp) and the bool last_layer_frozen; the metrics echo the four.
+  """
+  optimizer = optim.make_optimizer(config)
   dora = dora_options(config)
 
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  def step(state: TrainState, batch: Batch,
+           schedule: Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
     rng, step_key = jax.random.split(state["rng"])
-    teacher_temp = schedule.teacher_temp(state["step"])
+    teacher_temp = schedule[schedules_lib.TEACHER_TEMP]
     grad_fn = jax.value_and_grad(
         lambda p: compute_loss(config, dora, graphdef, p, state["teacher"], state["constants"],
                                state["center"], batch, teacher_temp, step_key),
@@ -211,10 +214,10 @@ def make_train_step(config, graphdef: nnx.GraphDef, *, steps_per_epoch: int,
 
     # The optimizer keeps the head's last layer frozen for the first epoch(s) (see optim.py).
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["student"],
-                                          step=state["step"])
+                                          **schedule)
     params = optax.apply_updates(state["student"], updates)
 
-    momentum = schedule.teacher_momentum(state["step"])
+    momentum = schedule[schedules_lib.TEACHER_MOMENTUM]
     teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s,
                            state["teacher"], params)
     center = losses.update_center(state["center"], aux["teacher_logits"],
@@ -223,10 +226,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, *, steps_per_epoch: int,
                      opt_state=opt_state, center=center, rng=rng)
     metrics = dict(
         loss=loss,
-        lr=schedule.learning_rate(state["step"]),
-        weight_decay=schedule.weight_decay(state["step"]),
-        teacher_momentum=momentum,
-        teacher_temp=teacher_temp,
+        **{name: schedule[name] for name in schedules_lib.SCALARS},
         teacher_entropy=aux["teacher_entropy"],
         kl=aux["kl"],
         masked_area=aux["masked_area"],
@@ -276,14 +276,12 @@ def unrolled_config(config) -> ml_collections.ConfigDict | None:
   return unrolled
 
 
-def abstract_train_state(config, *, steps_per_epoch: int,
-                         total_steps: int) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
   """(graphdef, state as jax.ShapeDtypeStructs): the shapes, with nothing allocated."""
   graphdefs = []
 
   def init_state(rng):
-    graphdef, state = init_train_state(
-        config, rng=rng, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    graphdef, state = init_train_state(config, rng=rng)
     graphdefs.append(graphdef)
     return state
 

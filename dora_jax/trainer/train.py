@@ -33,6 +33,7 @@ from dora_jax.trainer import lock as workdir_lock
 from dora_jax.trainer import metrics as metrics_lib
 from dora_jax.trainer import pictures
 from dora_jax.trainer import preflight
+from dora_jax.trainer import schedules
 from dora_jax.trainer import sharding as sharding_lib
 from dora_jax.trainer import step as train_step
 
@@ -72,8 +73,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
   # ---- Mesh, state shapes and shardings. ----
   mesh = sharding_lib.make_mesh(config.mesh)
-  graphdef, abstract_state = train_step.abstract_train_state(
-      config, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)
+  graphdef, abstract_state = train_step.abstract_train_state(config)
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
@@ -81,12 +81,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                total_steps, plan.steps_per_epoch, config.batch_size)
 
   # ---- The update: one compile per run (the batch shapes never change), or a cache load. ----
+  # The schedules are the step's inputs, computed here per step: the program holds no run
+  # length, so a run extended on the same work folder loads it from the cache.
   compilation.enable_cache(config.compilation_cache_dir, workdir)
+  schedule = schedules.make_schedules(config, steps_per_epoch=plan.steps_per_epoch,
+                                      total_steps=total_steps)
   def jit_update(config, graphdef):
     return jax.jit(
-        with_finite_check(train_step.make_train_step(
-            config, graphdef, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)),
-        in_shardings=(state_sharding, batch_sharding),
+        with_finite_check(train_step.make_train_step(config, graphdef)),
+        in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0)
 
@@ -94,8 +97,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   unrolled = None  # With the blocks scanned, the same step unrolled: for its FLOPs only.
   unrolled_config = train_step.unrolled_config(config)
   if unrolled_config is not None:
-    unrolled = jit_update(unrolled_config, train_step.abstract_train_state(
-        unrolled_config, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)[0])
+    unrolled = jit_update(unrolled_config, train_step.abstract_train_state(unrolled_config)[0])
   picture_fn = None
   if config.picture_every_steps:
     picture_fn = jax.jit(train_step.make_visualize_fn(config, graphdef),
@@ -110,10 +112,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if restored is not None:
     state, data_state = restored
   else:
-    init = jax.jit(
-        lambda rng: train_step.init_train_state(
-            config, rng=rng, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)[1],
-        out_shardings=state_sharding)
+    init = jax.jit(lambda rng: train_step.init_train_state(config, rng=rng)[1],
+                   out_shardings=state_sharding)
     state = init(jax.random.PRNGKey(config.seed))
   start_step = int(jax.device_get(state["step"]))
   if start_step >= total_steps:
@@ -143,12 +143,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   try:
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
+      inputs = jax.device_put(schedule.at(step - 1), replicated)
       if compiled is None:  # Compiled (or loaded from the cache) once, timed, with its FLOPs.
-        compiled = compilation.compile_step(update, state, batch, unrolled=unrolled,
+        compiled = compilation.compile_step(update, state, batch, inputs, unrolled=unrolled,
                                             loop_shards=mesh.size)
         once["compile_time"] = compiled.compile_seconds
         timer_start = time.perf_counter()
-      state, step_metrics = compiled.executable(state, batch)
+      state, step_metrics = compiled.executable(state, batch, inputs)
       history.append((step, step_metrics))
       timer_steps += 1
 
@@ -239,8 +240,8 @@ def with_finite_check(step_fn):
   gone NaN is never saved, even when the loss computed from it is not known yet.
   """
 
-  def step(state, batch):
-    new_state, metrics = step_fn(state, batch)
+  def step(state, batch, schedule):
+    new_state, metrics = step_fn(state, batch, schedule)
     leaves = jax.tree.leaves(new_state["student"])
     finite = jnp.isfinite(metrics["loss"])
     for leaf in leaves:
