@@ -34,7 +34,9 @@ setuptools.setup(
         # TFRecord reader's fuzz test; psutil: the test that no input worker outlives the trainer;
         # torch: the .pth import/export tests (this pin resolves to a CPU wheel where offered).
         "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5", "portpicker",
-                 "torch==2.13.0"],
+                 "torch==2.13.0", "matplotlib>=3.8"],
+        # experiments/dora_vs_dino.py's chart.
+        "experiments": ["matplotlib>=3.8"],
         # Only to read and write PyTorch .pth files (dora-export); a CPU build is enough.
         "torch": ["torch==2.13.0"],
     },

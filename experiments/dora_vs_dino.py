@@ -12,7 +12,10 @@ r"""DoRA, its DINO baseline and the untrained encoder, several seeds, on held-ou
 3. Every encoder through the same `dora-eval` commands: k-NN top-1 and linear-probe top-1 on the
    object views ([CLS]), seg mIoU (linear readout on patch tokens), DAVIS J&F, LOST CorLoc,
    tracking IoU.
-4. experiments/results/: results.json (every run), results.md (mean +- std per arm), results.png
+4. --finetune: per seed, the fine-tuning demo's comparison (configs/finetune_demo.py: a linear
+   probe trained with dora-finetune on the DoRA encoder, then on the same ViT randomly
+   initialised) on the object views.
+5. experiments/results/: results.json (every run), results.md (mean +- std per arm), results.png
    (one panel per evaluation, error bars: the standard deviation over seeds).
 
 Runs resume: a finished training or evaluation (its report file exists) is not run again, so the
@@ -105,6 +108,19 @@ def evaluate(runner: Runner, encoder: str, data: str, out: str, seed: int) -> di
           "track_iou": track["track_iou"]}
 
 
+def finetune(runner: Runner, encoder: str, data: str, out: str, seed: int) -> dict:
+  """dora-finetune's demo comparison on the object views: pretrained vs random backbone."""
+  report = os.path.join(out, "comparison.json")
+  runner.run([sys.executable, "-m", "dora_jax.cli.finetune", "--config",
+              f"configs/finetune_demo.py:backbone={encoder}", f"--config.seed={seed}",
+              "--config.data.demo=False",
+              f"--config.data.train={os.path.join(data, 'views', 'train')}",
+              f"--config.data.val={os.path.join(data, 'views', 'val')}", "--workdir", out],
+             done=report)
+  comparison = _read(report)
+  return {name: 100.0 * comparison[name]["val_accuracy"] for name in ("pretrained", "random")}
+
+
 def summarise(runs: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
   """arm -> metric -> (mean, sample standard deviation, number of seeds)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -166,6 +182,8 @@ def main() -> None:
   parser.add_argument("--out", default="workdirs/experiment", help="Work folder (resumable).")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=3000, help="Train steps of both methods.")
+  parser.add_argument("--finetune", action="store_true",
+                      help="Also run the fine-tuning demo's comparison for every DoRA seed.")
   parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "results"),
                       help="Where results.json, results.md and results.png go.")
   args = parser.parse_args()
@@ -202,11 +220,21 @@ def main() -> None:
       print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if v is not None),
             flush=True)
 
+  finetuned = []
+  if args.finetune:
+    for seed in args.seeds:
+      name = f"dora_s{seed}"
+      top1 = finetune(runner, os.path.join(out, "runs", name), data,
+                      os.path.join(out, "finetune", name), seed)
+      finetuned.append({"seed": seed, **top1})
+      print(f"fine-tuning demo, seed {seed}: linear probe top-1 {top1['pretrained']:.1f}% on "
+            f"the DoRA encoder, {top1['random']:.1f}% on the random one", flush=True)
+
   table = summarise(runs)
   os.makedirs(args.results, exist_ok=True)
   wall = time.time() - start
   with open(os.path.join(args.results, "results.json"), "w") as f:
-    json.dump({"runs": runs,
+    json.dump({"runs": runs, "finetune_demo": finetuned,
                "summary": {arm: {k: {"mean": m, "std": s, "n": n} for k, (m, s, n) in row.items()}
                            for arm, row in table.items()},
                "steps": args.steps, "seeds": args.seeds, "wall_seconds": round(wall, 1),
