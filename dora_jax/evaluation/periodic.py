@@ -91,9 +91,9 @@ class EvalSettings:
         iterations=int(e.seg_iterations), batch_size=int(e.seg_batch_size),
         image_size=int(e.seg_image_size or config.data.global_size), blocks=int(e.seg_blocks),
         seed=int(config.seed), num_pictures=0)
-    if seg.image_size % patch_size:
+    if seg.image_size % size.patch_size:
       raise ValueError(f"config key eval.seg_image_size: {seg.image_size} is not a multiple of "
-                       f"the patch size {patch_size}.")
+                       f"the patch size {size.patch_size}.")
     for key, value in (("every_steps", e.every_steps), ("batch_size", e.batch_size),
                        ("knn_k", e.knn_k), ("track_clips", e.track_clips),
                        ("seg_iterations", e.seg_iterations),
