@@ -58,11 +58,11 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def run_knn(args: argparse.Namespace) -> str:
-  from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
 
-  train = image_sources.open_source(args.train, tfds_data_dir=args.tfds_data_dir)
-  val = image_sources.open_source(args.val, tfds_data_dir=args.tfds_data_dir)
+  train = images_lib.open_source(args.train, tfds_data_dir=args.tfds_data_dir)
+  val = images_lib.open_source(args.val, tfds_data_dir=args.tfds_data_dir)
   if train.num_classes != val.num_classes:
     raise InputError(f"--train {args.train} has {train.num_classes} classes but --val {args.val} "
                      f"has {val.num_classes}.")
@@ -205,14 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from dora_jax.evaluation import davis  # pylint: disable=g-import-not-at-top
-  from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import track  # pylint: disable=g-import-not-at-top
 
   try:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
       raise InputError(f"--out {args.out} is a file; expected a folder for the report.")
     summary = args.run(args)
-  except (InputError, image_sources.SourceError, davis.DavisError, track.TourError) as e:
+  except (InputError, images_lib.SourceError, davis.DavisError, track.TourError) as e:
     print(f"dora-eval {args.command}: error: {e}", file=sys.stderr)
     return 2
   print(summary)
