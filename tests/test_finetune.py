@@ -383,7 +383,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(images, backbone, tmp_
   cases = {
       "config backbone.path: ": dict(backbone__path=str(tmp_path / "nowhere")),
       "has classes ['blue', 'green', 'red'] but data.val": dict(data__val=other),
-      "holds no image": dict(data__val=str(empty)),
+      "empty_class/a has no images": dict(data__val=str(empty)),
       "fewer than one batch": dict(batch_size=64),
       "config mode='probe'": dict(mode="probe"),
       "does not divide over the 4 devices": dict(batch_size=6),
