@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WINDOW_TILE = 8  # Target patches per side of a block; benchmarks/davis_propagation.py picks it.
+WINDOW_TILE = 6  # Target patches per side of a block: the fastest of 4, 6, 8, 12 in BENCHMARKS.md.
 
 
 def neighborhood_mask(grid: tuple[int, int], radius: int) -> np.ndarray:
