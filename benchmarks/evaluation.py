@@ -1,13 +1,10 @@
-r"""Evaluation kernels at real sizes: the k-NN memory bank and DAVIS label propagation.
+r"""Evaluation kernels at real sizes: the k-NN memory bank (DAVIS: davis_propagation.py).
 
-  python benchmarks/evaluation.py [--train 100000] [--queries 2048] [--dim 384] [--frames 16]
+  python benchmarks/evaluation.py [--train 100000] [--queries 2048] [--dim 384]
 
 k-NN: `knn_votes` of --queries random test features against --train random training features
 (ViT-S width 384, 1000 classes), test batches of 256 against chunks of 65536; reports the
 seconds per 1000 queries after a compiling warm-up (ImageNet: 1.28 M train, 50 k val features).
-DAVIS: `propagate` over --frames frames of a 480 x 832 frame's patch grid at patch 16 (30 x 52 =
-1560 patches, the first frame and a queue of 7, radius 12, top-5), random features; reports the
-seconds per frame after a warm-up (DAVIS-2017 val: 30 sequences, 1999 frames).
 Not a test: timings depend on the machine; record them with the machine.
 """
 from __future__ import annotations
@@ -19,7 +16,6 @@ import time
 import jax
 import numpy as np
 
-from dora_jax.evaluation import davis
 from dora_jax.evaluation import knn
 
 
@@ -34,34 +30,17 @@ def bench_knn(num_train: int, num_queries: int, dim: int) -> float:
   return (time.perf_counter() - start) / num_queries * 1000
 
 
-def bench_davis(num_frames: int, dim: int) -> float:
-  grid = (30, 52)
-  rng = np.random.default_rng(0)
-  features = rng.normal(size=(num_frames, grid[0] * grid[1], dim)).astype(np.float32)
-  first = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=grid[0] * grid[1])]
-  mask = davis.neighborhood_mask(grid, 12)
-  run = lambda: jax.block_until_ready(davis.propagate(features, first, mask, n_last_frames=7,
-                                                      topk=5, temperature=0.1))
-  run()  # Compiles.
-  start = time.perf_counter()
-  run()
-  return (time.perf_counter() - start) / (num_frames - 1)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--train", type=int, default=100_000)
   parser.add_argument("--queries", type=int, default=2048)
   parser.add_argument("--dim", type=int, default=384)
-  parser.add_argument("--frames", type=int, default=16)
   args = parser.parse_args()
   print(f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
         f"{jax.devices()[0].device_kind}")
   seconds = bench_knn(args.train, args.queries, args.dim)
   print(f"k-NN: {args.train} train x {args.queries} queries, D={args.dim}: "
         f"{seconds:.3f} s per 1000 queries")
-  seconds = bench_davis(args.frames, args.dim)
-  print(f"DAVIS propagation, 1560 patches, D={args.dim}: {seconds:.3f} s per frame")
 
 
 if __name__ == "__main__":

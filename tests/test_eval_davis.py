@@ -10,6 +10,7 @@ import pytest
 
 from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
+from dora_jax.evaluation import propagation
 from dora_jax.models import vit
 
 
@@ -91,11 +92,35 @@ def test_propagation_matches_a_numpy_loop():
   for radius in (1, 0):  # 0: no spatial restriction.
     expected = reference_propagation(features, first, grid, n_last=2,
                                      radius=radius if radius else 99, topk=3, temperature=0.1)
-    got = davis.propagate(features.astype(np.float32), first.astype(np.float32),
-                          davis.neighborhood_mask(grid, radius), n_last_frames=2, topk=3,
-                          temperature=0.1)
+    got = propagation.propagate(features.astype(np.float32), first.astype(np.float32),
+                                grid=grid, radius=radius, n_last_frames=2, topk=3,
+                                temperature=0.1, tile=2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.sum(got, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid, radius, tile, n_last, topk", [
+    ((5, 7), 1, 2, 2, 3),  # Blocks that overhang the grid on the bottom and the right.
+    ((6, 9), 2, 3, 3, 5),  # Blocks that tile the grid exactly.
+    ((7, 4), 2, 8, 1, 4),  # One block larger than the grid.
+    ((9, 6), 3, 4, 7, 40),  # The queue never fills; top-k larger than some windows.
+    ((4, 4), 3, 2, 2, 3),  # A window that covers the grid: every patch, as radius 0.
+    ((5, 7), 0, 2, 2, 3),
+])
+def test_windowed_propagation_equals_the_dense_affinities(grid, radius, tile, n_last, topk):
+  rng = np.random.default_rng(grid[0] * 10 + radius)
+  num_patches = grid[0] * grid[1]
+  features = rng.normal(size=(6, num_patches, 8)).astype(np.float32)
+  first = np.eye(3, dtype=np.float32)[rng.integers(0, 3, size=num_patches)]
+  settings = dict(grid=grid, radius=radius, n_last_frames=n_last, topk=topk, temperature=0.07)
+  windowed = propagation.propagate(features, first, tile=tile, **settings)
+  dense = propagation.propagate_dense(features, first, **settings)
+  assert windowed.shape == (5, num_patches, 3)
+  np.testing.assert_allclose(windowed, dense, rtol=1e-5, atol=1e-6)
+  # The window matters: the labels differ from those with every patch a source.
+  if 0 < radius < max(grid) - 1:
+    everywhere = propagation.propagate_dense(features, first, **dict(settings, radius=0))
+    assert np.abs(np.asarray(everywhere) - np.asarray(dense)).max() > 1e-2
 
 
 def bilinear_upsample(maps, factor):
@@ -118,7 +143,7 @@ def test_soft_labels_become_pixels_as_dino_upsamples_them():
   rng = np.random.default_rng(1)
   soft = rng.uniform(size=(2, 12, 3)).astype(np.float32)  # (T, N, C), grid 3 x 4.
   soft[1, :, 2] = 0.0  # A channel with no mass stays out of the rescaling.
-  got = np.asarray(davis.soft_labels_to_pixels(soft, grid=(3, 4), patch_size=4))
+  got = np.asarray(propagation.soft_labels_to_pixels(soft, grid=(3, 4), patch_size=4))
   for frame in range(2):
     maps = bilinear_upsample(soft[frame].T.reshape(3, 3, 4).astype(np.float64), 4)
     for channel in maps:

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dora_jax.evaluation import features
-from dora_jax.evaluation import image_sources
+from dora_jax.data import images as images_lib
 from dora_jax.models import vit
 
 
@@ -23,59 +23,49 @@ def _write_folder(root, counts, size=(20, 28)):
   return root
 
 
-def test_preprocess_resizes_the_shorter_side_then_crops_the_centre():
-  image = np.random.default_rng(0).integers(0, 256, size=(40, 61, 3), dtype=np.uint8)
-  out = features.preprocess(image, resize_size=20, crop_size=16)
-  # torchvision: the longer side int(20 * 61 / 40) = 30; crop offsets round((20-16)/2) = 2 and
-  # round((30-16)/2) = 7; bicubic through PIL.
-  resized = np.asarray(Image.fromarray(image).resize((30, 20), Image.BICUBIC))
-  np.testing.assert_array_equal(out, resized[2:18, 7:23])
-  portrait = features.preprocess(image.transpose(1, 0, 2), resize_size=20, crop_size=16)
-  assert portrait.shape == (16, 16, 3)
-
-
 def test_image_folder_sorts_classes_and_reads_images(tmp_path):
   root = _write_folder(tmp_path / "images", {"zebra": 2, "apple": 3})
   (root / "apple" / "notes.txt").write_text("not an image")
-  source = image_sources.open_source(str(root))
-  assert source.class_names == ["apple", "zebra"] and source.num_classes == 2
+  source = images_lib.open_source(str(root))
+  assert source.class_names == ("apple", "zebra") and source.num_classes == 2
   assert len(source) == 5
   assert [label for _, label in source.samples] == [0, 0, 0, 1, 1]
-  image, label = source[4]
-  assert image.shape == (20, 28, 3) and image.dtype == np.uint8 and label == 1
+  element = source[4]
+  assert element["image"].shape == (20, 28, 3) and element["image"].dtype == np.uint8
+  assert element["label"] == 1
 
 
 def test_image_folder_errors_name_the_problem(tmp_path):
-  with pytest.raises(image_sources.SourceError, match="missing does not exist"):
-    image_sources.open_source(str(tmp_path / "missing"))
+  with pytest.raises(images_lib.SourceError, match="missing does not exist"):
+    images_lib.open_source(str(tmp_path / "missing"))
   (tmp_path / "flat").mkdir()
   Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "a.png")
-  with pytest.raises(image_sources.SourceError, match="has no class subfolders"):
-    image_sources.open_source(str(tmp_path / "flat"))
+  with pytest.raises(images_lib.SourceError, match="has no class subfolders"):
+    images_lib.open_source(str(tmp_path / "flat"))
   _write_folder(tmp_path / "some", {"cat": 1})
   (tmp_path / "some" / "dog").mkdir()
-  with pytest.raises(image_sources.SourceError, match=r"class folder .*dog has no images"):
-    image_sources.open_source(str(tmp_path / "some"))
+  with pytest.raises(images_lib.SourceError, match=r"class folder .*dog has no images"):
+    images_lib.open_source(str(tmp_path / "some"))
 
 
 def test_tfds_source_reads_a_mocked_dataset():
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = image_sources.open_source("tfds:imagenette/160px:train")
+    source = images_lib.open_source("tfds:imagenette/160px:train")
     assert len(source) == 6 and source.num_classes == 10
     assert source.name == "tfds:imagenette/160px:train"
     for i in range(6):
-      image, label = source[i]
+      image, label = source[i]["image"], source[i]["label"]
       assert image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8
       assert 0 <= label < 10
-    grey = image_sources.open_source("tfds:mnist:test")  # (28, 28, 1) images -> RGB.
-    assert grey[0][0].shape == (28, 28, 3)
+    grey = images_lib.open_source("tfds:mnist:test")  # (28, 28, 1) images -> RGB.
+    assert grey[0]["image"].shape == (28, 28, 3) and len(grey.class_names) == 10
 
 
 def test_tfds_errors_are_one_line():
-  with pytest.raises(image_sources.SourceError, match="tfds has no dataset 'no_such_dataset'"):
-    image_sources.open_source("tfds:no_such_dataset:train")
-  with pytest.raises(image_sources.SourceError, match="expected tfds:NAME:SPLIT"):
-    image_sources.open_source("tfds:imagenette")
+  with pytest.raises(images_lib.SourceError, match="tfds has no dataset 'no_such_dataset'"):
+    images_lib.open_source("tfds:no_such_dataset:train")
+  with pytest.raises(images_lib.SourceError, match="expected tfds:NAME:SPLIT"):
+    images_lib.open_source("tfds:imagenette")
 
 
 def _tiny_vit(seed=0):
@@ -85,13 +75,13 @@ def _tiny_vit(seed=0):
 
 def test_features_over_four_devices_equal_a_direct_call(tmp_path):
   assert jax.local_device_count() == 4  # conftest.py
-  source = image_sources.open_source(str(_write_folder(tmp_path / "images",
+  source = images_lib.open_source(str(_write_folder(tmp_path / "images",
                                                        {"a": 3, "b": 2, "c": 2})))
   model = _tiny_vit()
   # Batch 5 -> 8 (two per device); 7 images: a full batch and a padded one.
   feats, labels = features.extract_features(model, source, batch_size=5, resize_size=20,
                                             crop_size=16, progress=False)
-  crops = np.stack([features.preprocess(source[i][0], resize_size=20, crop_size=16)
+  crops = np.stack([images_lib.eval_view(source[i]["image"], resize_size=20, crop_size=16)
                     for i in range(len(source))])
   expected = model(vit.normalize_images(crops))["cls"]
   np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
@@ -106,11 +96,11 @@ def test_features_over_four_devices_equal_a_direct_call(tmp_path):
 
 
 def test_any_function_of_images_is_a_backbone(tmp_path):
-  source = image_sources.open_source(str(_write_folder(tmp_path / "images", {"a": 2, "b": 3})))
+  source = images_lib.open_source(str(_write_folder(tmp_path / "images", {"a": 2, "b": 3})))
   mean_colour = lambda images: {"cls": images.mean(axis=(1, 2)), "unused": images}
   feats, labels = features.extract_features(mean_colour, source, batch_size=2, resize_size=20,
                                             crop_size=16, progress=False)
-  crops = np.stack([features.preprocess(source[i][0], resize_size=20, crop_size=16)
+  crops = np.stack([images_lib.eval_view(source[i]["image"], resize_size=20, crop_size=16)
                     for i in range(len(source))]).astype(np.float64)
   expected = (crops / 255 - np.asarray(vit.PIXEL_MEAN)) / np.asarray(vit.PIXEL_STD)
   np.testing.assert_allclose(feats, expected.mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from dora_jax import config_base
 from dora_jax.data import eval_sets
 from dora_jax.data import synthetic
-from dora_jax.evaluation import image_sources
+from dora_jax.data import images as images_lib
 from dora_jax.evaluation import periodic
 from dora_jax.evaluation import seg
 from dora_jax.evaluation import seg_data
@@ -65,7 +65,7 @@ def test_settings_are_checked_and_derived_from_the_training_config():
 
 
 def test_missing_data_fails_when_the_evaluator_is_built(tmp_path):
-  with pytest.raises(image_sources.SourceError, match="does not exist"):
+  with pytest.raises(images_lib.SourceError, match="does not exist"):
     periodic.PeriodicEvaluator.from_config(_config(
         every_steps=10, knn_train=str(tmp_path / "a"), knn_val=str(tmp_path / "b")))
   with pytest.raises(track.TourError, match="does not exist"):

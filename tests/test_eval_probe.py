@@ -39,7 +39,7 @@ def test_separable_classes_are_separated_and_noise_is_not():
 
 def test_knn_report_carries_the_probe(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.data import images as image_sources  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)

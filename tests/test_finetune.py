@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from dora_jax.data import images as images_lib
 from dora_jax.finetune import checks
 from dora_jax.finetune import config_base
 from dora_jax.finetune import data as data_lib
@@ -313,7 +314,7 @@ def test_linear_probe_features():
 
 
 def test_image_folder_views_and_padded_validation(images):
-  source = data_lib.ImageFolder(images["train"])
+  source = images_lib.ImageFolder(images["train"])
   assert source.class_names == CLASSES and len(source) == 48
   assert [source[i]["label"] for i in (0, 16, 47)] == [0, 1, 2]
   first = source[0]["image"]
@@ -334,7 +335,7 @@ def test_image_folder_views_and_padded_validation(images):
   assert a["image"].shape == (16, 16, 3) and a["label"] == 0
 
   # Validation over 2 hosts, batch 4 (2 per host): every image exactly once, padding invalid.
-  val = data_lib.ImageFolder(images["val"])
+  val = images_lib.ImageFolder(images["val"])
   seen = []
   counts = []
   for host in range(2):
@@ -351,12 +352,12 @@ def test_image_folder_views_and_padded_validation(images):
 def test_tfds_source_reads_without_tensorflow_pipelines():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-    source = data_lib.open_source("tfds:mnist:train")
+    source = images_lib.open_source("tfds:mnist:train")
     assert len(source) == 6 and len(source.class_names) == 10
     element = source[2]
     assert element["image"].shape == (28, 28, 3) and 0 <= element["label"] < 10
   with pytest.raises(ValueError, match="expected tfds:NAME:SPLIT"):
-    data_lib.open_source("tfds:mnist")
+    images_lib.open_source("tfds:mnist")
 
 
 def test_demo_crop_box_holds_the_object():
@@ -382,7 +383,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(images, backbone, tmp_
   cases = {
       "config backbone.path: ": dict(backbone__path=str(tmp_path / "nowhere")),
       "has classes ['blue', 'green', 'red'] but data.val": dict(data__val=other),
-      "holds no image": dict(data__val=str(empty)),
+      "empty_class/a has no images": dict(data__val=str(empty)),
       "fewer than one batch": dict(batch_size=64),
       "config mode='probe'": dict(mode="probe"),
       "does not divide over the 4 devices": dict(batch_size=6),

@@ -68,11 +68,11 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def run_knn(args: argparse.Namespace) -> str:
-  from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import knn  # pylint: disable=g-import-not-at-top
 
-  train = image_sources.open_source(args.train, tfds_data_dir=args.tfds_data_dir)
-  val = image_sources.open_source(args.val, tfds_data_dir=args.tfds_data_dir)
+  train = images_lib.open_source(args.train, tfds_data_dir=args.tfds_data_dir)
+  val = images_lib.open_source(args.val, tfds_data_dir=args.tfds_data_dir)
   if train.num_classes != val.num_classes:
     raise InputError(f"--train {args.train} has {train.num_classes} classes but --val {args.val} "
                      f"has {val.num_classes}.")
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from dora_jax.evaluation import davis  # pylint: disable=g-import-not-at-top
-  from dora_jax.evaluation import image_sources  # pylint: disable=g-import-not-at-top
+  from dora_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import seg_data  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import track  # pylint: disable=g-import-not-at-top
   from dora_jax.evaluation import voc  # pylint: disable=g-import-not-at-top
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
       raise InputError(f"--out {args.out} is a file; expected a folder for the report.")
     summary = args.run(args)
-  except (InputError, image_sources.SourceError, davis.DavisError, track.TourError,
+  except (InputError, images_lib.SourceError, davis.DavisError, track.TourError,
           voc.VocError, seg_data.SegError) as e:
     print(f"dora-eval {args.command}: error: {e}", file=sys.stderr)
     return 2

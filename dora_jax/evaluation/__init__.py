@@ -2,11 +2,11 @@
 
   knn            DINO's weighted k-NN classifier on [CLS] features (`knn_classifier`,
                  `evaluate_knn`).
-  features       DINO's evaluation preprocessing and data-parallel feature extraction (`Encoder`,
-                 `extract_features`).
-  image_sources  Labelled images: an image folder or a tfds dataset (`open_source`).
+  features       Data-parallel feature extraction (`Encoder`, `extract_features`) of the images of
+                 `dora_jax.data.images` (sources and DINO's evaluation view).
   davis          DAVIS-2017 video object segmentation by label propagation, and J&F
                  (`evaluate_davis`).
+  propagation    Label propagation between frames within a window of patches (`propagate`).
   track          Tracking IoU of the DoRA kernels on the synthetic walking tour
                  (`evaluate_tracking`).
   seg            Linear segmentation readout (DINOv2's linear head) and mmseg's mIoU
@@ -27,7 +27,6 @@ import importlib
 _EXPORTS = {
     "knn_classifier": "knn", "evaluate_knn": "knn",
     "Encoder": "features", "extract_features": "features",
-    "open_source": "image_sources",
     "evaluate_davis": "davis",
     "evaluate_tracking": "track",
     "evaluate_seg": "seg", "mean_iou": "seg", "intersect_and_union": "seg",

@@ -6,9 +6,10 @@ backbone's last-layer patch tokens are L2-normalised, and the labels of frame t 
 from the first frame (its ground truth) and the n_last_frames=7 previous frames (their propagated
 soft labels): affinities exp(cosine / 0.1) to every source patch within a square window of
 size_mask_neighborhood=12 patches, only the topk=5 largest per target patch kept and normalised
-to sum one, the soft one-hot labels averaged with them at patch resolution. The soft labels are
-upsampled bilinearly by the patch size, each channel rescaled to [0, 1], arg-maxed, and resized to
-the original frame (nearest). Two small departures from the reference code: frames are resized
+to sum one, the soft one-hot labels averaged with them at patch resolution
+(`propagation.propagate`, which computes only the affinities inside the window). The soft labels
+are upsampled bilinearly by the patch size, each channel rescaled to [0, 1], arg-maxed, and
+resized to the original frame (nearest). Two small departures from the reference code: frames are resized
 with PIL's bilinear filter (DINO: OpenCV's), and normalised with the ImageNet std 0.229 (DINO's
 script has 0.228 for red).
 
@@ -25,7 +26,6 @@ annotation; frame 0 is its ground truth), OUT/pictures/SEQ.png, OUT/davis_metric
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import json
 import math
@@ -33,14 +33,13 @@ import os
 import shutil
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 import tqdm
 
 from dora_jax.evaluation import features as features_lib
+from dora_jax.evaluation import propagation
 
 METRICS_FILE = "davis_metrics.json"
 PICTURES_DIR = "pictures"
@@ -171,81 +170,6 @@ def frame_size(height: int, width: int, short_side: int = 480,
   return short_side, long_side(width, height)
 
 
-def neighborhood_mask(grid: tuple[int, int], radius: int) -> np.ndarray:
-  """(N, N) bool: source patch s may label target patch t (both rows and columns within radius)."""
-  rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
-  if radius <= 0:
-    return np.ones((rows.size, rows.size), bool)
-  return ((np.abs(rows[:, None] - rows[None, :]) <= radius)
-          & (np.abs(cols[:, None] - cols[None, :]) <= radius))
-
-
-@functools.partial(jax.jit, static_argnames=("n_last_frames", "topk"))
-def propagate(features: jax.Array, first_labels: jax.Array, neighborhood: jax.Array, *,
-              n_last_frames: int, topk: int, temperature: float) -> jax.Array:
-  """Soft labels of frames 1..T-1 propagated from frame 0 and a queue of previous frames.
-
-  Args:
-    features: (T, N, D) patch tokens of every frame (normalised here).
-    first_labels: (N, C) one-hot labels of frame 0 at patch resolution.
-    neighborhood: (N, N) bool, `neighborhood_mask` (source, target).
-    n_last_frames, topk, temperature: see `PropagationSettings`.
-
-  Returns:
-    (T-1, N, C) float32: frame t's labels, each target patch a convex combination of source
-    labels (the queue holds these, not their arg-max, as DINO does).
-  """
-  features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
-  num_patches, num_classes = first_labels.shape
-  mask = neighborhood.astype(jnp.float32)
-
-  def step(queue, target):
-    queue_features, queue_labels, queue_valid, count = queue
-    sources = jnp.concatenate([features[:1], queue_features])  # (1 + n, N, D)
-    labels = jnp.concatenate([first_labels[None], queue_labels])  # (1 + n, N, C)
-    valid = jnp.concatenate([jnp.ones((1,), bool), queue_valid])
-    affinity = jnp.exp(jnp.einsum("snd,md->smn", sources, target,
-                                  precision=jax.lax.Precision.HIGHEST) / temperature)
-    # (1 + n, N_target, N_source): empty queue slots and far sources weigh nothing.
-    affinity = affinity * mask.T[None] * valid[:, None, None]
-    affinity = jnp.moveaxis(affinity, 0, 1).reshape(num_patches, -1)  # (N_target, (1+n) N)
-    kth = jax.lax.top_k(affinity, topk)[0][:, -1:]
-    affinity = jnp.where(affinity >= kth, affinity, 0.0)  # Ties at the k-th value stay, as DINO.
-    affinity = affinity / jnp.sum(affinity, axis=1, keepdims=True)
-    new_labels = affinity @ labels.reshape(-1, num_classes)  # (N, C)
-    slot = count % n_last_frames
-    queue = (queue_features.at[slot].set(target), queue_labels.at[slot].set(new_labels),
-             queue_valid.at[slot].set(True), count + 1)
-    return queue, new_labels
-
-  start = (jnp.zeros((n_last_frames,) + features.shape[1:], features.dtype),
-           jnp.zeros((n_last_frames, num_patches, num_classes), jnp.float32),
-           jnp.zeros((n_last_frames,), bool), jnp.zeros((), jnp.int32))
-  _, labels = jax.lax.scan(step, start, features[1:])
-  return labels
-
-
-@functools.partial(jax.jit, static_argnames=("grid", "patch_size"))
-def soft_labels_to_pixels(soft: jax.Array, *, grid: tuple[int, int],
-                          patch_size: int) -> jax.Array:
-  """(T, N, C) soft labels -> (T, gh * p, gw * p) uint8 labels: bilinear upsampling (half-pixel
-  centres, as F.interpolate(align_corners=False)), each channel rescaled to [0, 1], arg-max."""
-
-  def one(frame):
-    maps = frame.T.reshape((-1,) + grid)  # (C, gh, gw)
-    maps = jax.image.resize(maps, (maps.shape[0], grid[0] * patch_size, grid[1] * patch_size),
-                            "bilinear")
-    low = jnp.min(maps, axis=(1, 2), keepdims=True)
-    high = jnp.max(maps, axis=(1, 2), keepdims=True)
-    shifted = maps - low
-    span = high - low
-    rescaled = jnp.where(span > 0, shifted / jnp.where(span > 0, span, 1.0), shifted)
-    maps = jnp.where(high > 0, rescaled, maps)  # DINO rescales only channels with a positive max.
-    return jnp.argmax(maps, axis=0).astype(jnp.uint8)
-
-  return jax.lax.map(one, soft)
-
-
 def segment_sequence(encoder: features_lib.Encoder, frames: Sequence[np.ndarray],
                      first_labels: np.ndarray, settings: PropagationSettings = PropagationSettings(),
                      *, batch_size: int = 8) -> np.ndarray:
@@ -279,11 +203,11 @@ def segment_sequence(encoder: features_lib.Encoder, frames: Sequence[np.ndarray]
   small = np.asarray(Image.fromarray(first_labels.astype(np.uint8)).resize(grid[::-1],
                                                                            Image.NEAREST))
   one_hot = np.eye(num_classes, dtype=np.float32)[small.reshape(-1)]
-  soft = propagate(jnp.asarray(tokens), jnp.asarray(one_hot),
-                   jnp.asarray(neighborhood_mask(grid, settings.size_mask_neighborhood)),
-                   n_last_frames=settings.n_last_frames, topk=settings.topk,
-                   temperature=settings.temperature)
-  labels = np.asarray(soft_labels_to_pixels(soft, grid=grid, patch_size=patch_size))
+  soft = propagation.propagate(tokens, one_hot, grid=grid,
+                               radius=settings.size_mask_neighborhood,
+                               n_last_frames=settings.n_last_frames, topk=settings.topk,
+                               temperature=settings.temperature)
+  labels = np.asarray(propagation.soft_labels_to_pixels(soft, grid=grid, patch_size=patch_size))
   out = [first_labels.astype(np.uint8)]
   out += [np.asarray(Image.fromarray(frame_labels).resize((width, height), Image.NEAREST))
           for frame_labels in labels]

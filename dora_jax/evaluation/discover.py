@@ -24,7 +24,7 @@ block. The published defaults, and the choices made where the paper or its code 
    ends exclusive), reported in VOC's 1-based inclusive convention (`voc.continuous_to_voc`).
 
 Images are read at their own resolution (LOST does not resize) or, with `short_side`, resized to
-that shorter side (bicubic, aspect ratio kept, `features.shorter_side_size`); then padded at the
+that shorter side (bicubic, aspect ratio kept, `data.images.shorter_side_size`); then padded at the
 bottom and right to multiples of the patch size, as LOST does. LOST pads the normalised image with
 zeros; the uint8 images here are padded with the ImageNet mean colour rounded to integers, which
 normalises to within 0.01 of zero. Images of one padded size are batched together (one compiled
@@ -51,6 +51,7 @@ from PIL import ImageDraw
 from scipy import ndimage
 import tqdm
 
+from dora_jax.data import images as images_lib
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import voc
 from dora_jax.models import vit
@@ -197,7 +198,7 @@ def input_sizes(height: int, width: int, *, short_side: int, patch_size: int
                 ) -> tuple[tuple[int, int], tuple[int, int]]:
   """(resized (h, w), padded (h, w)): the image after the optional resize, and after padding to
   multiples of the patch size."""
-  resized = (features_lib.shorter_side_size(height, width, short_side) if short_side
+  resized = (images_lib.shorter_side_size(height, width, short_side) if short_side
              else (height, width))
   padded = tuple(patch_size * math.ceil(side / patch_size) for side in resized)
   return resized, padded
@@ -215,7 +216,7 @@ def _prepare(image: voc.VocImage, resized: tuple[int, int], padded: tuple[int, i
     raise voc.VocError(f"image {image.image_path} is {pixels.shape[1]}x{pixels.shape[0]} but its "
                        f"annotation says {image.width}x{image.height}.")
   if resized != pixels.shape[:2]:
-    pixels = features_lib.resize_shorter_side(pixels, min(resized))
+    pixels = images_lib.resize_shorter_side(pixels, min(resized))
   out = np.empty(padded + (3,), np.uint8)
   out[:] = PAD_COLOUR
   out[:resized[0], :resized[1]] = pixels

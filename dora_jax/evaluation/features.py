@@ -6,8 +6,9 @@ devices: the batch is split over a one-axis Mesh with a NamedSharding, the param
 replicated, and normalisation happens on the device. `extract_features` adds the host side:
 images decoded and cropped by a thread pool one batch ahead of the devices, a tqdm bar.
 
-Preprocessing follows DINO's eval_knn.py: the shorter side resized to 256 (bicubic, PIL, as
-torchvision's Resize on PIL images), a 224 x 224 centre crop (torchvision's rounding).
+Preprocessing is DINO's evaluation view, `dora_jax.data.images.eval_view` (the shorter side
+resized to 256, bicubic; the central 224 x 224; torchvision's rounding), the view of
+dora-finetune's validation images too.
 """
 from __future__ import annotations
 
@@ -20,48 +21,12 @@ from flax import nnx
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-from PIL import Image
 import tqdm
 
-from dora_jax.evaluation import image_sources
+from dora_jax.data import images as images_lib
 from dora_jax.models import vit
 
 DATA_AXIS = "data"
-
-
-def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-  """(height, width) after resizing the shorter side to `size`: the longer side becomes
-  int(size * long / short), as torchvision's Resize(size)."""
-  if height <= width:
-    return size, int(size * width / height)
-  return int(size * height / width), size
-
-
-def resize_shorter_side(image: np.ndarray, size: int,
-                        resample: int = Image.BICUBIC) -> np.ndarray:
-  """(H, W, 3) uint8 -> shorter side `size`, the longer int(size * long / short) (torchvision)."""
-  height, width = image.shape[:2]
-  new_h, new_w = shorter_side_size(height, width, size)
-  if (new_h, new_w) == (height, width):
-    return image
-  return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The central size x size window of an (H, W, ...) image at least that large (torchvision)."""
-  height, width = image.shape[:2]
-  if height < size or width < size:
-    raise ValueError(f"cannot centre-crop {size} px from an image of {height}x{width}.")
-  top = int(round((height - size) / 2.0))
-  left = int(round((width - size) / 2.0))
-  return image[top:top + size, left:left + size]
-
-
-def preprocess(image: np.ndarray, *, resize_size: int = 256, crop_size: int = 224) -> np.ndarray:
-  """DINO's evaluation transform without the normalisation: uint8 (crop, crop, 3)."""
-  if resize_size < crop_size:
-    raise ValueError(f"resize_size ({resize_size}) must be at least crop_size ({crop_size}).")
-  return center_crop(resize_shorter_side(image, resize_size), crop_size)
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -141,13 +106,13 @@ def _worker_count(num_threads: int) -> int:
   return max(1, num_threads or min(8, os.cpu_count() or 1))
 
 
-def _source_batches(source: image_sources.ImageSource, batch_size: int, transform: Callable,
+def _source_batches(source: images_lib.ImageSource, batch_size: int, transform: Callable,
                     num_threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(uint8 images, labels) batches of a source in order; the next batch decodes meanwhile."""
 
   def load(index: int) -> tuple[np.ndarray, int]:
-    image, label = source[index]
-    return transform(image), label
+    element = source[index]
+    return transform(element["image"]), element["label"]
 
   starts = range(0, len(source), batch_size)
   with concurrent.futures.ThreadPoolExecutor(_worker_count(num_threads)) as pool:
@@ -186,7 +151,7 @@ def embed_batches(encoder: Encoder, batches: Iterator[tuple[np.ndarray, np.ndarr
   return np.concatenate(features), np.concatenate(labels)
 
 
-def extract_features(backbone, source: image_sources.ImageSource, *, batch_size: int = 256,
+def extract_features(backbone, source: images_lib.ImageSource, *, batch_size: int = 256,
                      resize_size: int = 256, crop_size: int = 224, output: str = "cls",
                      num_threads: int = 0, progress: bool = True
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +159,7 @@ def extract_features(backbone, source: image_sources.ImageSource, *, batch_size:
 
   Args:
     backbone: an `Encoder`, or a backbone to wrap in one (see `Encoder`).
-    source: an `image_sources` source (image folder, tfds).
+    source: an `images` source (image folder, tfds).
     batch_size: images per step over all local devices (rounded up to a multiple of them).
     resize_size, crop_size: shorter side after the resize, side of the centre crop (256, 224).
     output: the backbone output to keep ("cls": the [CLS] token after the final norm).
@@ -205,16 +170,17 @@ def extract_features(backbone, source: image_sources.ImageSource, *, batch_size:
     features (N, D) float32 and labels (N,) int64, in the source's order.
   """
   if len(source) == 0:
-    raise image_sources.SourceError(f"{source.name} has no images.")
+    raise images_lib.SourceError(f"{source.name} has no images.")
   encoder = backbone if isinstance(backbone, Encoder) else Encoder(backbone, (output,))
   batch_size = encoder.padded_size(batch_size)
-  transform = functools.partial(preprocess, resize_size=resize_size, crop_size=crop_size)
+  transform = functools.partial(images_lib.eval_view, resize_size=resize_size,
+                                crop_size=crop_size)
   batches = _source_batches(source, batch_size, transform, num_threads)
   return embed_batches(encoder, batches, total=len(source), batch_size=batch_size, output=output,
                        progress=progress, desc=os.path.basename(source.name.rstrip("/")))
 
 
-def load_preprocessed(source: image_sources.ImageSource, *, resize_size: int = 256,
+def load_preprocessed(source: images_lib.ImageSource, *, resize_size: int = 256,
                       crop_size: int = 224, num_threads: int = 0
                       ) -> tuple[np.ndarray, np.ndarray]:
   """All images of a (small) source, preprocessed: uint8 (N, crop, crop, 3) and labels (N,).
@@ -222,8 +188,9 @@ def load_preprocessed(source: image_sources.ImageSource, *, resize_size: int = 2
   The periodic evaluator keeps these in memory and only re-runs the backbone.
   """
   if len(source) == 0:
-    raise image_sources.SourceError(f"{source.name} has no images.")
-  transform = functools.partial(preprocess, resize_size=resize_size, crop_size=crop_size)
+    raise images_lib.SourceError(f"{source.name} has no images.")
+  transform = functools.partial(images_lib.eval_view, resize_size=resize_size,
+                                crop_size=crop_size)
   batches = list(_source_batches(source, 256, transform, num_threads))
   return (np.concatenate([images for images, _ in batches]),
           np.concatenate([labels for _, labels in batches]).astype(np.int64))

@@ -162,7 +162,7 @@ def evaluate_knn(backbone, train_source, val_source, *, k: int = _DEFAULTS.knn_k
 
   Args:
     backbone: the encoder (see `features.Encoder`).
-    train_source, val_source: `image_sources` sources with the same classes.
+    train_source, val_source: `dora_jax.data.images` sources with the same classes.
     k, temperature: the classifier's (DINO: 20, 0.07).
     batch_size, resize_size, crop_size, num_threads, progress: see `features.extract_features`.
     linear_probe: also fit `probe.linear_probe` on the same train features and score it on the

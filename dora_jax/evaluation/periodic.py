@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from dora_jax.evaluation import features as features_lib
-from dora_jax.evaluation import image_sources
+from dora_jax.data import images as images_lib
 from dora_jax.evaluation import knn as knn_lib
 from dora_jax.evaluation import seg as seg_lib
 from dora_jax.evaluation import seg_data
@@ -115,17 +115,17 @@ class PeriodicEvaluator:
     """Reads and prepares the data: missing or unusable data fails here, before training starts.
 
     Raises:
-      image_sources.SourceError, track.TourError, seg_data.SegError: one-line messages for bad
+      images_lib.SourceError, track.TourError, seg_data.SegError: one-line messages for bad
         data.
     """
     self.settings = settings
     self._num_classes = 0
     self._knn_images = None  # ((train images, labels), (val images, labels)), preprocessed.
     if settings.knn_train:
-      train, val = (image_sources.open_source(spec, tfds_data_dir=settings.tfds_data_dir or None)
+      train, val = (images_lib.open_source(spec, tfds_data_dir=settings.tfds_data_dir or None)
                     for spec in (settings.knn_train, settings.knn_val))
       if train.num_classes != val.num_classes:
-        raise image_sources.SourceError(
+        raise images_lib.SourceError(
             f"eval.knn_train {settings.knn_train} has {train.num_classes} classes, "
             f"eval.knn_val {settings.knn_val} {val.num_classes}.")
       self._num_classes = train.num_classes

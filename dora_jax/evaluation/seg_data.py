@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from dora_jax.evaluation import image_sources
+from dora_jax.data import images as images_lib
+
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150  # ADEChallengeData2016 (SceneParsing): 150 classes, label 0 "other".
@@ -88,7 +89,7 @@ class ADE20KFolder:
     if self.class_names is not None and len(self.class_names) != self.num_classes:
       self.class_names = None  # A subset of classes was asked for; names would not line up.
     images = sorted(entry.name for entry in os.scandir(self.name)
-                    if entry.name.lower().endswith(image_sources.IMAGE_EXTENSIONS))
+                    if entry.name.lower().endswith(images_lib.IMAGE_EXTENSIONS))
     if not images:
       raise SegError(f"{self.name} has no images; {expected}.")
     self.samples: list[tuple[str, str]] = []
@@ -141,7 +142,7 @@ class ExampleSegSource:
       if key not in example:
         raise SegError(f"{self.name} example {index} has no feature {key!r} (it has "
                        f"{sorted(example)}).")
-    pixels = image_sources.to_rgb(example[self._image_key])
+    pixels = images_lib.to_rgb(example[self._image_key])
     mask = np.asarray(example[self._mask_key])
     labels = reduce_zero_label(mask[..., 0] if mask.ndim == 3 else mask)
     if labels.shape != pixels.shape[:2]:
@@ -155,12 +156,12 @@ def open_seg_source(spec: str, split: str, *, num_classes: int = 0,
                     mask_key: str = "segmentation_mask") -> ADE20KFolder | ExampleSegSource:
   """An ADE-layout folder's `split` ("training"/"validation"), or `tfds:NAME:SPLIT` (split
   unused)."""
-  if not spec.startswith(image_sources.TFDS_PREFIX):
+  if not spec.startswith(images_lib.TFDS_PREFIX):
     if not os.path.isdir(spec):
       raise SegError(f"--data {spec} is not a folder (expected the ADE20K layout: "
                      "ROOT/images/{training,validation}, ROOT/annotations/...).")
     return ADE20KFolder(spec, split, num_classes=num_classes)
-  name, _, tfds_split = spec[len(image_sources.TFDS_PREFIX):].partition(":")
+  name, _, tfds_split = spec[len(images_lib.TFDS_PREFIX):].partition(":")
   if not name or not tfds_split:
     raise SegError(f"{spec!r}: expected tfds:NAME:SPLIT.")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from dora_jax.finetune import data as data_lib
+from dora_jax.data import images as images_lib
 from dora_jax.finetune import model as model_lib
 from dora_jax.models import dino
 from dora_jax.trainer import preflight
@@ -113,7 +113,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
       raise ConfigError(f"config data.{split} is empty: pass an image folder (ROOT/CLASS/IMAGE) "
                         "or tfds:NAME:SPLIT, or use the demo's images (data.demo=True).")
     try:
-      sources[split] = data_lib.open_source(spec, config.data.tfds_data_dir)
+      sources[split] = images_lib.open_source(spec, tfds_data_dir=config.data.tfds_data_dir)
     except ValueError as e:
       raise ConfigError(f"config data.{split}: {e}") from None
   if sources["train"].class_names != sources["val"].class_names:
