@@ -26,7 +26,8 @@ def report(results: dict) -> str:
 
 
 def _finetune(config, workdir: str) -> dict:
-  from dora_jax.finetune import train  # pylint: disable=g-import-not-at-top  # After jax.distributed.
+  # Imported after jax.distributed has started (runner.main): nothing may touch the devices before.
+  from dora_jax.finetune import train  # pylint: disable=g-import-not-at-top
 
   return train.run(config, workdir)
 

@@ -23,7 +23,8 @@ from dora_jax.trainer import runner
 
 
 def _train(config, workdir: str) -> dict[str, float]:
-  from dora_jax.trainer import train  # pylint: disable=g-import-not-at-top  # After jax.distributed.
+  # Imported after jax.distributed has started (runner.main): nothing may touch the devices before.
+  from dora_jax.trainer import train  # pylint: disable=g-import-not-at-top
 
   return train.train_and_evaluate(config, workdir)
 
