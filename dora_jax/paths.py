@@ -76,6 +76,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+def append_text(path: str | os.PathLike, text: str) -> None:
+  """Adds `text` at the end of the file (made if missing); a cloud object is rewritten whole."""
+  if is_remote(path):
+    before = read_text(path) if exists(path) else ""
+    epath.Path(path).write_text(before + text)
+    return
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(text)
+
+
 def makedirs(path: str | os.PathLike) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 

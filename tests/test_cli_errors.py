@@ -16,6 +16,7 @@ from dora_jax.cli import train as main
 from dora_jax.trainer import checkpoints
 from dora_jax.trainer import lock as workdir_lock
 from dora_jax.trainer import preflight
+from dora_jax.trainer import runner
 from dora_runs import DEMO_CONFIG, ROOT, demo_config, demo_flags
 
 
@@ -128,7 +129,7 @@ def test_full_disk_during_a_save(data_dir, env, tmp_path):
                   _FULL_DISK_SCRIPT, "sh"] + args, cwd=ROOT, env=script_env, check=True,
                  timeout=900)
   read = lambda name: (tmp_path / name).read_text()
-  log = workdir / main.LOG_FILE
+  log = workdir / main.PROGRAM.log_file
   assert read("first.rc").strip() == "0", read("first.err")[-3000:]
   assert read("full.rc").strip() == "1", read("full.err")[-3000:]
   assert _errors(read("full.err")) == [
@@ -160,16 +161,18 @@ def test_unexpected_failure_is_one_line_with_the_traceback_in_the_log(tmp_path, 
   except MemoryError as e:
     error = e
   with pytest.raises(SystemExit) as exit_:
-    main._fail_with_log("MemoryError: out of host memory while decoding", error, 1)
+    runner.fail_with_log(main.PROGRAM, "MemoryError: out of host memory while decoding", error,
+                         1)
   assert exit_.value.code == 1
-  log = tmp_path / main.LOG_FILE
+  log = tmp_path / main.PROGRAM.log_file
   assert capsys.readouterr().err == ("dora-train: error: MemoryError: out of host memory while "
                                      f"decoding (details: {log})\n")
   assert "in _raise_deep" in log.read_text() and "Traceback" in log.read_text()
   # --verbose (or DORA_DEBUG=1): the traceback on stderr, then the same line.
   monkeypatch.setattr(flags.FLAGS["verbose"], "value", True)
   with pytest.raises(SystemExit):
-    main._fail_with_log("MemoryError: out of host memory while decoding", error, 1)
+    runner.fail_with_log(main.PROGRAM, "MemoryError: out of host memory while decoding", error,
+                         1)
   err = capsys.readouterr().err
   assert err.startswith("Traceback") and "in _raise_deep" in err
   assert err.splitlines()[-1] == "dora-train: error: MemoryError: out of host memory while decoding"

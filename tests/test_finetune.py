@@ -1,9 +1,12 @@
 """dora-finetune: linear probe and fine-tuning runs (loss falls, exact resume), the optimisers
-against NumPy float64, the image sources and views, the demo's crops, one-line errors.
+against NumPy float64, the image sources and views, the demo's crops, one-line errors; the
+command's guarantees from the loop it shares with dora-train (no input worker outlives a SIGKILL,
+Ctrl-C exits 130 keeping its checkpoints, a work folder in a cloud bucket).
 
 The runs train a tiny exported ViT (dim 32, depth 2, 4-px patches) on 16-px views of a small
 image folder the test makes (three colour classes), for 12 steps of 8 images over 4 fake devices.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -11,14 +14,21 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from unittest import mock
 
+from absl import flags
+from etils.epath import gpath
+from etils.epath import testing as epath_testing
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+import psutil
 import pytest
 
+from dora_jax.cli import finetune as finetune_cli
 from dora_jax.data import images as images_lib
 from dora_jax.finetune import checks
 from dora_jax.finetune import config_base
@@ -31,6 +41,7 @@ from dora_jax import pretrained
 from dora_jax.pretrained import export
 from dora_jax.trainer import checkpoints
 from dora_jax.trainer import metrics
+from dora_jax.trainer import runner
 from dora_jax.trainer import sharding
 from dora_runs import set_key
 
@@ -137,8 +148,11 @@ def _final_state(workdir, config):
   return step, jax.device_get(state), data_state, jax.device_get(params)
 
 
+TIMING = ("images_per_second", "step_time", "compile_time", "tflops", "mfu")
+
+
 def _without_timing(rows):
-  return [{k: v for k, v in row.items() if k != "images_per_second"} for row in rows]
+  return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 @pytest.mark.parametrize("mode,init", [("linear", "pretrained"), ("full", "random")])
@@ -411,6 +425,168 @@ def test_command_line_error(backbone, tmp_path):
   lines = process.stderr.strip().splitlines()
   assert lines[-1].startswith("dora-finetune: error: unknown config key 'base_lrr'"), lines
   assert "dora_jax/finetune/config_base.py" in lines[-1]
+
+
+# ---- The command's guarantees (the loop and runner shared with dora-train). ----
+
+
+def _start_command(images, backbone, tmp_path, env, **overrides):
+  """dora-finetune as a process, on a long linear probe (it runs until stopped); (process,
+  workdir, config).
+
+  The config travels as a config file that returns it, so that no key is spelled twice.
+  """
+  config = _config(images, backbone, "linear", total_steps=100_000, **overrides)
+  config_file = tmp_path / "config.py"
+  config_file.write_text(
+      "import json\nimport ml_collections\n\n\ndef get_config(arg=None):\n"
+      f"  return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n")
+  workdir = str(tmp_path / "run")
+  process = subprocess.Popen(
+      [sys.executable, "-m", "dora_jax.cli.finetune", "--config", str(config_file), "--workdir",
+       workdir], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return process, workdir, config
+
+
+def _wait_for(condition, process, what, timeout=240):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if process.poll() is not None:
+      pytest.fail(f"dora-finetune ended before {what}: {process.stderr.read()[-3000:]}")
+    assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+    time.sleep(0.2)
+
+
+def _alive(process: psutil.Process) -> bool:
+  """Running (a zombie waiting for PID 1 to reap it has exited: it holds no memory)."""
+  try:
+    return process.status() != psutil.STATUS_ZOMBIE
+  except psutil.NoSuchProcess:
+    return False
+
+
+def test_no_input_worker_outlives_a_sigkill(images, backbone, tmp_path, env):
+  process, workdir, _ = _start_command(images, backbone, tmp_path, env, data__num_workers=2)
+  descendants = []
+  try:
+    # A metrics record: the input iterator, and so its workers, run.
+    _wait_for(lambda: metrics.read_metrics(workdir), process, "metrics record")
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    workers = [p for p in descendants if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) >= 2, [p.cmdline() for p in descendants]  # data.num_workers=2
+    os.kill(process.pid, signal.SIGKILL)  # No atexit, no finaliser, no signal handler runs.
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in descendants) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    left = [(p.pid, p.cmdline()) for p in descendants if _alive(p)]
+    assert not left, f"still running after dora-finetune was killed: {left}"
+  finally:
+    for child in descendants:  # Only what this test started; orphans would hold the pipes.
+      if _alive(child):
+        child.kill()
+    process.kill()
+    process.communicate(timeout=60)
+
+
+def test_ctrl_c_exits_130_and_keeps_an_intact_checkpoint(images, backbone, tmp_path, env):
+  process, workdir, config = _start_command(images, backbone, tmp_path, env,
+                                            checkpoint_every_steps=2)
+  checkpoint_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  saved = lambda: [int(name) for name in (os.listdir(checkpoint_dir) if os.path.isdir(
+      checkpoint_dir) else []) if name.isdigit()]  # orbax renames a step's folder when done.
+  try:
+    _wait_for(saved, process, "checkpoint")
+    os.kill(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  log = os.path.join(workdir, finetune_cli.PROGRAM.log_file)
+  assert process.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == (
+      "dora-finetune: error: interrupted (Ctrl-C); run the same command again to resume from the "
+      f"last checkpoint. (details: {log})")
+  assert "KeyboardInterrupt" in open(log).read()
+  steps = saved()
+  assert steps and all(step % 2 == 0 for step in steps), steps
+  # The latest restores, each array checked against its checksum (damage raises).
+  step, state, _, _ = _final_state(workdir, config)
+  assert step == max(steps) == int(state["step"])
+
+
+BUCKET = "gs://bucket"
+
+
+@contextlib.contextmanager
+def _fake_bucket(root):
+  """gs://bucket/... served from the local folder `root` by etils' mock of epath's backends, as
+  tests/test_paths.py does; local paths (images, backbone) pass through. Yields the bucket paths
+  opened."""
+  opened = []
+
+  def mapped(fn, path, *args, **kwargs):
+    text = os.fspath(path)
+    if "://" in text:
+      assert text == BUCKET or text.startswith(BUCKET + "/"), f"unexpected path {text}"
+      opened.append(text)
+      text = os.path.join(root, text[len(BUCKET) + 1:])
+    return fn(text, *args, **kwargs)
+
+  # With TensorFlow installed epath would pick tf.io.gfile for gs://, which the mock leaves.
+  with mock.patch.object(gpath, "_is_tf_installed", lambda: False), epath_testing.mock_epath(
+      open=mapped, exists=mapped, isdir=mapped, stat=mapped, makedirs=mapped, mkdir=mapped,
+      listdir=mapped, remove=mapped, glob=mapped, walk=mapped):
+    yield opened
+
+
+class _NoTensorBoard:
+  """TensorBoard's own gs:// writer needs google-cloud-storage: not what is tested here."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def add_scalar(self, *args, **kwargs):
+    del args, kwargs
+
+  def close(self):
+    pass
+
+
+def test_work_folder_in_a_bucket(images, backbone, tmp_path, monkeypatch):
+  """Everything but the checkpoints (orbax writes URLs itself; here they go to a local folder)
+  reaches the bucket through dora_jax.paths: config, metrics, results, the log file; the same
+  command again resumes from the bucket and reports the same results."""
+  root = tmp_path / "bucket"
+  root.mkdir()
+  monkeypatch.setattr(metrics.tensorboardX, "SummaryWriter", _NoTensorBoard)
+  orbax_folders = []
+  open_checkpointer = checkpoints.Checkpointer.__init__
+
+  def checkpointer_on_disk(self, directory, **kwargs):
+    orbax_folders.append(directory)
+    open_checkpointer(self, str(root / directory[len(BUCKET) + 1:]), **kwargs)
+
+  monkeypatch.setattr(checkpoints.Checkpointer, "__init__", checkpointer_on_disk)
+  config = _config(images, backbone, "linear")
+  workdir = f"{BUCKET}/probe"
+  with _fake_bucket(str(root)) as opened:
+    results = train.run(config, workdir)
+    assert train.run(config, workdir) == results  # Resumed at the end: nothing left to train.
+    monkeypatch.setattr(flags.FLAGS["workdir"], "value", workdir)
+    monkeypatch.setattr(flags.FLAGS["verbose"], "value", False)
+    log = runner.write_log(finetune_cli.PROGRAM, RuntimeError("lost the bucket"))
+  assert results["steps"] == TOTAL_STEPS and results["val_accuracy"] > 0.6
+  assert orbax_folders == [f"{workdir}/{checkpoints.CHECKPOINT_DIR}"] * 2
+  local = root / "probe"
+  assert json.loads((local / train.RESULTS_FILE).read_text()) == results
+  assert json.loads((local / train.CONFIG_FILE).read_text())["mode"] == "linear"
+  rows = [json.loads(line) for line in (local / metrics.METRICS_FILE).read_text().splitlines()]
+  assert [row["step"] for row in rows] == list(range(1, TOTAL_STEPS + 1))
+  assert log == f"{workdir}/{finetune_cli.PROGRAM.log_file}"
+  assert "RuntimeError: lost the bucket" in (local / finetune_cli.PROGRAM.log_file).read_text()
+  for name in (metrics.METRICS_FILE, train.RESULTS_FILE, train.CONFIG_FILE):
+    assert f"{workdir}/{name}" in opened
+  assert sorted(os.listdir(local / checkpoints.CHECKPOINT_DIR)) == ["12", "6"]
 
 
 # ---- Configs. ----

@@ -6,60 +6,38 @@ r"""`dora-finetune`: a linear probe or full fine-tuning of a trained backbone, a
 
 Every config key can be overridden with --config.KEY=VALUE (see dora_jax/finetune/config_base.py).
 Running the same command again in the same work folder resumes from its latest checkpoint. The
-flags and their one-line errors are dora-train's (`dora_jax.cli.train`), under this program's name.
+flags, the one-line errors, the exit codes (2 bad input, 1 run failure, 130 Ctrl-C) and the log
+file (WORKDIR/dora-finetune.log) are dora-train's (`dora_jax.trainer.runner`), under this
+program's name.
 """
-import os
+from dora_jax.trainer import runner
 
-from absl import app
-from absl import logging
-
-from dora_jax.cli import train as cli
-
-PROGRAM = "dora-finetune"
-CONFIG_KEYS_FILE = "dora_jax/finetune/config_base.py"
+NAME = "dora-finetune"
 
 
 def report(results: dict) -> str:
   """One line per run with its final and best validation accuracy."""
   runs = {results["init"]: results} if "mode" in results else results
   return "\n".join(
-      f"{PROGRAM}: {result['mode']} from a {init} backbone: validation accuracy "
+      f"{NAME}: {result['mode']} from a {init} backbone: validation accuracy "
       f"{result['val_accuracy']:.4f} (best {result['best_val_accuracy']:.4f}) after "
       f"{result['steps']} steps" for init, result in runs.items()
       if result["val_accuracy"] is not None)
 
 
-def _main(argv) -> None:
-  if len(argv) > 1:
-    cli._fail(f"unexpected arguments {argv[1:]}; config keys are set with --config.KEY=VALUE.", 2)
-  logging.get_absl_handler().addFilter(cli._QuietLibraries())
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if cli._DISTRIBUTED.value:
-    counts = {name: int(os.environ[variable]) for name, variable in (
-        ("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
-              if variable in os.environ}
-    jax.distributed.initialize(**counts)
-  # Imported after jax.distributed: nothing may touch the devices before it.
-  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
-  from dora_jax.trainer import lock as workdir_lock  # pylint: disable=g-import-not-at-top
-  from dora_jax.finetune import checks  # pylint: disable=g-import-not-at-top
+def _finetune(config, workdir: str) -> dict:
+  # Imported after jax.distributed has started (runner.main): nothing may touch the devices before.
   from dora_jax.finetune import train  # pylint: disable=g-import-not-at-top
 
-  try:
-    results = train.run(cli._CONFIG.value, cli._WORKDIR.value)
-  except (checks.ConfigError, checkpoints.CheckpointMismatchError,
-          workdir_lock.WorkdirLockedError) as e:
-    cli._fail(str(e), 2)
-  except train.NonFiniteLossError as e:
-    cli._fail(str(e), 1)
-  if jax.process_index() == 0 and report(results):
-    print(report(results))
+  return train.run(config, workdir)
+
+
+PROGRAM = runner.Program(name=NAME, config_keys_file="dora_jax/finetune/config_base.py",
+                         run=_finetune, report=report)
 
 
 def main() -> None:
-  cli.PROGRAM, cli.CONFIG_KEYS_FILE = PROGRAM, CONFIG_KEYS_FILE
-  app.run(_main, flags_parser=cli._parse_flags)
+  runner.main(PROGRAM)
 
 
 if __name__ == "__main__":

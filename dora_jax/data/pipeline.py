@@ -202,11 +202,18 @@ def make_train_iterator(plan: ClipPlan, data_config: Any, *, batch_size: int, se
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, per_process)))
   if num_workers > 0:
-    _ensure_absl_flags_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=per_process),
-        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+    iter_dataset = in_worker_processes(iter_dataset, grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=per_process))
   return iter(iter_dataset.batch(batch_size, drop_remainder=True))
+
+
+def in_worker_processes(iter_dataset: grain.IterDataset,
+                        options: grain.MultiprocessingOptions) -> grain.IterDataset:
+  """`iter_dataset` prefetched by grain worker processes that exit with the process that started
+  them (dora-train's and dora-finetune's input workers alike)."""
+  _ensure_absl_flags_parsed()
+  return iter_dataset.mp_prefetch(
+      options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
 
 
 _PARENT_POLL_SECONDS = 0.5  # How often a worker checks that the trainer is alive.

@@ -12,6 +12,7 @@ import ml_collections
 from dora_jax.data import images as images_lib
 from dora_jax.finetune import model as model_lib
 from dora_jax.models import dino
+from dora_jax import paths
 from dora_jax.trainer import preflight
 from dora_jax.trainer import sharding as sharding_lib
 
@@ -98,6 +99,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if config.data.demo:
     from dora_jax.finetune import demo_data  # pylint: disable=g-import-not-at-top
 
+    if paths.is_remote(workdir):
+      raise ConfigError(f"config data.demo=True makes the demo's images in the work folder, "
+                        f"which must be local; got --workdir {workdir}.")
     # Process 0 first; on a shared work folder the others then find it complete (file lock).
     root = os.path.join(workdir, DEMO_IMAGES_DIR)
     if jax.process_index() == 0:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dora_jax.data import images as images_lib
+from dora_jax.data import pipeline
 from dora_jax.data import views as views_lib
 
 # ---- Views. ----
@@ -83,14 +84,6 @@ class EvalView:
 # ---- Pipelines. ----
 
 
-def _ensure_absl_flags_parsed() -> None:
-  """grain's worker processes read absl flags; outside an absl app (tests) mark them parsed."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def train_iterator(source: Sequence[dict[str, Any]], config: ViewConfig, *, global_batch_size: int,
                    seed: int, process_index: int = 0, process_count: int = 1,
                    num_workers: int = 0, num_threads: int = 2):
@@ -106,9 +99,9 @@ def train_iterator(source: Sequence[dict[str, Any]], config: ViewConfig, *, glob
   batch_size = global_batch_size // process_count
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(num_threads, 2 * batch_size)))
-  if num_workers > 0:
-    _ensure_absl_flags_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  if num_workers > 0:  # Workers that exit with the trainer, also when it is killed.
+    iter_dataset = pipeline.in_worker_processes(
+        iter_dataset, grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(iter_dataset.batch(batch_size, drop_remainder=True))
 
 

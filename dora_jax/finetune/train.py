@@ -1,4 +1,4 @@
-"""The loop behind `dora-finetune`: a linear probe or full fine-tuning of a trained backbone.
+"""The run behind `dora-finetune`: a linear probe or full fine-tuning of a trained backbone.
 
 Read top to bottom, `train_and_evaluate` does:
   1. checks the config, the work folder, the images and the backbone (one-line `checks.ConfigError`s,
@@ -7,8 +7,9 @@ Read top to bottom, `train_and_evaluate` does:
   3. jits the train step (state donated) and the validation step;
   4. restores the latest checkpoint of the work folder (state + data position) or initialises
      the state from the backbone (pretrained or random) and a fresh head;
-  5. loops: step, metrics, validation accuracy every `eval_every_epochs`, checkpoints, until
-     `total_steps` or SIGTERM (which saves and returns); a non-finite loss stops the run.
+  5. runs the loop dora-train shares (`trainer.loop.run`: step timer, metrics, checkpoints,
+     SIGTERM saves and returns, a non-finite loss stops the run), with the validation accuracy
+     every `eval_every_epochs` and at the last step as its evaluation.
 Then `WORKDIR/results.json` holds the final and best validation accuracy. `run` adds, when
 `compare_random_init` is set, the same recipe from a randomly initialised backbone.
 
@@ -22,8 +23,6 @@ The train state (one pytree, saved whole by orbax):
 from __future__ import annotations
 
 import json
-import os
-import time
 from typing import Any
 
 from absl import logging
@@ -38,10 +37,13 @@ from dora_jax.finetune import data as data_lib
 from dora_jax.finetune import model as model_lib
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax import paths
 from dora_jax import pretrained
 from dora_jax.pretrained import export
 from dora_jax.trainer import checkpoints as checkpoints_lib
+from dora_jax.trainer import flops as flops_lib
 from dora_jax.trainer import lock as workdir_lock
+from dora_jax.trainer import loop
 from dora_jax.trainer import metrics as metrics_lib
 from dora_jax.trainer import sharding as sharding_lib
 
@@ -49,10 +51,6 @@ CONFIG_FILE = "finetune_config.json"  # Not config.json: this folder is no dora-
 RESULTS_FILE = "results.json"
 COMPARISON_FILE = "comparison.json"
 RANDOM_INIT_DIR = "random_init"
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; the run stopped without saving the bad state."""
 
 
 def load_initial_backbone(config: ml_collections.ConfigDict, recipe: model_lib.Recipe
@@ -121,7 +119,8 @@ def init_state(recipe: model_lib.Recipe, optimizer: optax.GradientTransformation
 
 def make_train_step(recipe: model_lib.Recipe, graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation):
-  """`step(state, batch) -> (state, metrics)`; batch {"image" uint8 (B, S, S, 3), "label" (B,)}."""
+  """`step(state, batch) -> (state, metrics)`; batch {"image" uint8 (B, S, S, 3), "label" (B,)};
+  metrics `loss`, `accuracy`, `lr` and `finite` (`loop.with_finite_check` of the trained part)."""
   schedule = model_lib.learning_rate(recipe)
 
   def step(state, batch):
@@ -153,14 +152,11 @@ def make_train_step(recipe: model_lib.Recipe, graphdef: nnx.GraphDef,
       new_state["head"] = trainable
     else:
       new_state.update(trainable)
-    finite = jnp.isfinite(loss)
-    for leaf in jax.tree.leaves(trainable):
-      finite &= jnp.all(jnp.isfinite(leaf))
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-               "lr": schedule(state["step"]), "finite": finite}
+               "lr": schedule(state["step"])}
     return new_state, metrics
 
-  return step
+  return loop.with_finite_check(step, trained=lambda state: _trainable(recipe, state))
 
 
 def make_eval_step(recipe: model_lib.Recipe, graphdef: nnx.GraphDef):
@@ -209,7 +205,7 @@ def summarize(workdir: str, config: ml_collections.ConfigDict, specs: dict[str, 
   return {
       "mode": config.mode,
       "init": config.backbone.init,
-      "backbone": os.path.abspath(config.backbone.path),
+      "backbone": paths.absolute(config.backbone.path),
       "data": dict(specs),
       "steps": rows[-1]["step"] if rows else 0,
       "total_steps": total_steps,
@@ -218,11 +214,9 @@ def summarize(workdir: str, config: ml_collections.ConfigDict, specs: dict[str, 
   }
 
 
-def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+def write_json(path: str, value: Any) -> None:
+  """`value` as indented JSON at `path` (local or URL), written whole."""
+  paths.write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 # ---- The run. ----
@@ -234,9 +228,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     checks.ConfigError: bad input, found before anything is written or compiled.
     checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    loop.NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    workdir_lock.WorkdirLockedError: another live run uses `workdir`.
+    checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
+    checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   # 1. Checks; then the work folder is ours (one run per folder, as dora-train).
   checks.check_config(config)
   checks.check_workdir(workdir)
@@ -253,7 +250,6 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   recipe = make_recipe(config, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
                        total_steps=total_steps)
   graphdef, backbone_params, size = load_initial_backbone(config, recipe)
-  is_primary = jax.process_index() == 0
 
   # 2. Mesh, state shapes and shardings.
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -278,19 +274,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
   # 4. Restore or initialise.
   checkpointer = checkpoints_lib.Checkpointer(
-      os.path.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  data_state = None
-  if latest is not None:
-    logging.info("Resuming from %s/%d", checkpointer.directory, latest)
-    state, data_state = checkpointer.restore(
-        latest, sharding_lib.with_shardings(abstract_state, state_sharding))
-  else:
-    state = jax.jit(init, out_shardings=state_sharding)(
-        jax.device_put(backbone_params, state_sharding["backbone"]),
-        jax.random.PRNGKey(config.seed))
+      paths.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+  state, data_state, start_step = loop.restore_or_init(
+      checkpointer, abstract_state, state_sharding,
+      lambda: jax.jit(init, out_shardings=state_sharding)(
+          jax.device_put(backbone_params, state_sharding["backbone"]),
+          jax.random.PRNGKey(config.seed)))
   del backbone_params
-  start_step = int(jax.device_get(state["step"]))
   view_config = data_lib.ViewConfig.from_config(config.data)
   data_iter = data_lib.train_iterator(
       data["train"], view_config, global_batch_size=config.batch_size, seed=config.seed,
@@ -298,75 +288,32 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       num_workers=config.data.num_workers, num_threads=config.data.num_threads)
   if data_state is not None:
     data_iter.set_state(data_state)
-  if is_primary:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+  if jax.process_index() == 0:
+    paths.makedirs(workdir)
+    write_json(paths.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
 
-  # 5. The loop.
-  writer = metrics_lib.MetricWriter(workdir, start_step=start_step, total_steps=total_steps,
-                                    enabled=is_primary)
-  preemption = checkpoints_lib.Preemption(checkpointer)
-  history = []  # (step, metrics on the device) since the last fetch.
-  timer_start, timer_steps = None, 0
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
-      state, step_metrics = update(state, batch)
-      history.append((step, step_metrics))
-      if timer_start is None:  # Time from the end of the first (compiling) step.
-        jax.block_until_ready(state)
-        timer_start, timer_steps = time.perf_counter(), 0
-      else:
-        timer_steps += 1
+  # 5. The loop (trainer/loop.py), with validation every `eval_every_epochs` and at the end.
+  def eval_due(step: int) -> bool:
+    return step % eval_every == 0 or step == total_steps
 
-      stop = preemption.reached(step)
-      is_last = step == total_steps
-      log_now = step % config.log_every_steps == 0 or is_last
-      eval_now = step % eval_every == 0 or is_last
-      save_now = (eval_now or stop or (config.checkpoint_every_steps
-                                       and step % config.checkpoint_every_steps == 0))
-      if log_now or save_now:
-        fetched = jax.device_get(history)
-        history = []
-        bad = next(((s, m) for s, m in fetched if not m["finite"]), None)
-        if bad is not None:
-          checkpointer.wait_until_finished()
-          raise NonFiniteLossError(
-              f"the loss or the parameters became non-finite at step {bad[0]} (loss "
-              f"{float(bad[1]['loss'])}): stopping. The last good checkpoint is step "
-              f"{checkpointer.latest_step()} in {checkpointer.directory}; lower "
-              "--config.optim.base_lr and run again.")
-        if log_now:
-          scalars = {name: float(value) for name, value in fetched[-1][1].items()
-                     if name != "finite"}
-          if timer_steps:
-            scalars["images_per_second"] = (config.batch_size * timer_steps
-                                            / (time.perf_counter() - timer_start))
-          writer.write_scalars(step, scalars)
-          timer_start, timer_steps = time.perf_counter(), 0
-      if eval_now:
-        result = validate(evaluate, state, data["val"], view_config, config, batch_sharding,
-                          num_classes)
-        writer.write_scalars(step, {"epoch": step / steps_per_epoch, **result})
-        writer.message(f"step {step} (epoch {step / steps_per_epoch:.3g}): validation accuracy "
-                       f"{result['val_accuracy']:.4f}")
-      if save_now:
-        checkpointer.save(step, state, data_iter.get_state())
-      writer.advance(step)
-      if stop and not is_last:
-        writer.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; run the same "
-                       "command again to resume.")
-        break
-  finally:
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    preemption.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
+  def validation(step: int, state: Any) -> dict[str, float]:
+    return {"epoch": step / steps_per_epoch, **validate(
+        evaluate, state, data["val"], view_config, config, batch_sharding, num_classes)}
+
+  job = loop.Job(
+      workdir=workdir, total_steps=total_steps, log_every_steps=config.log_every_steps,
+      update=update, step_inputs=lambda state, batch, step: (state, batch),
+      batch_sharding=batch_sharding, items_per_step=config.batch_size,
+      throughput_name="images_per_second",
+      checkpoint_due=lambda step: eval_due(step) or bool(
+          config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0),
+      evaluation_due=eval_due, evaluate=validation,
+      peak_flops=flops_lib.device_peak(config.backbone.compute_dtype))
+  loop.run(job, state=state, start_step=start_step, data_iter=data_iter,
+           checkpointer=checkpointer)
   results = summarize(workdir, config, data["specs"], total_steps)
-  if is_primary and results["steps"] == total_steps:
-    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  if jax.process_index() == 0 and results["steps"] == total_steps:
+    write_json(paths.join(workdir, RESULTS_FILE), results)
   return results
 
 
@@ -382,8 +329,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   baseline_config.data.demo = False
   baseline_config.data.train, baseline_config.data.val = (results["data"]["train"],
                                                           results["data"]["val"])
-  baseline = train_and_evaluate(baseline_config, os.path.join(workdir, RANDOM_INIT_DIR))
+  baseline = train_and_evaluate(baseline_config, paths.join(workdir, RANDOM_INIT_DIR))
   comparison = {config.backbone.init: results, "random": baseline}
   if jax.process_index() == 0 and baseline["steps"] == baseline["total_steps"]:
-    _write_json(os.path.join(workdir, COMPARISON_FILE), comparison)
+    write_json(paths.join(paths.absolute(workdir), COMPARISON_FILE), comparison)
   return comparison

@@ -1,6 +1,8 @@
 """The trainer: what turns a config and a data folder into checkpoints.
 
   train             `train_and_evaluate`: DoRA/DINO pretraining, read top to bottom.
+  loop              the loop dora-train and dora-finetune share (`Job`, `run`, `restore_or_init`).
+  runner            their command line: flags, jax.distributed, one-line errors, exit codes, log.
   step              the train state, the loss of a batch, the jitted update.
   preflight         every check before anything is written or compiled; the run plan.
   optim, schedules  AdamW with the decay mask and the frozen last layer; per-step schedules.

@@ -17,6 +17,7 @@ from absl import logging
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from dora_jax import paths
 from dora_jax.trainer import flops as flops_lib
 
 CACHE_SUBDIR = "jax_cache"
@@ -39,7 +40,7 @@ def cache_folder(setting: str, workdir: str) -> str | None:
   given = jax.config.jax_compilation_cache_dir
   if given and given != _set_by_us[0]:
     return given
-  return os.path.join(os.path.abspath(workdir), CACHE_SUBDIR)
+  return paths.join(paths.absolute(workdir), CACHE_SUBDIR)  # jax writes URLs through epath.
 
 
 def enable_cache(setting: str, workdir: str) -> str | None:

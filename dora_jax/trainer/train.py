@@ -1,4 +1,4 @@
-"""The training loop behind `dora-train`, read top to bottom in banner sections.
+"""DoRA pretraining behind `dora-train`, read top to bottom in banner sections.
 
   checks      `preflight`: config and work folder, then (the folder locked) the data
               (one-line `ConfigError`s, before anything is written or compiled); the clip plan
@@ -8,18 +8,16 @@
   checkpoint  restore the newest intact checkpoint of the work folder (state + data position; a
               damaged newer one is reported and set aside) or initialise.
   input       the grain iterator of this host's batches, at the restored position.
-  loop        step, metrics, pictures, evaluators (`config.eval`), checkpoints, until
-              `total_steps` or SIGTERM (preemption), which saves and returns; a non-finite loss
-              stops the run, keeping the last good checkpoint.
+  loop        `loop.run`, the loop dora-finetune shares: step, metrics, evaluators
+              (`config.eval`), pictures, checkpoints, until `total_steps` or SIGTERM
+              (preemption), which saves and returns; a non-finite loss stops the run, keeping the
+              last good checkpoint. This module gives it only what is DoRA's: the state, the
+              update, the clips, the evaluators, the pictures.
 
 The work folder is locked (`workdir_lock`) for the whole run: a second run on it stops at once.
 """
-import os
-import time
-
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -30,6 +28,7 @@ from dora_jax.trainer import checkpoints as checkpoints_lib
 from dora_jax.trainer import compilation
 from dora_jax.trainer import flops as flops_lib
 from dora_jax.trainer import lock as workdir_lock
+from dora_jax.trainer import loop
 from dora_jax.trainer import metrics as metrics_lib
 from dora_jax.trainer import pictures
 from dora_jax.trainer import preflight
@@ -40,17 +39,13 @@ from dora_jax.trainer import step as train_step
 PICTURES_DIR = "pictures"
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite; the run stopped without saving the bad state."""
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics.
 
   Raises:
     preflight.ConfigError: bad input, found before anything is written or compiled.
     checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    loop.NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     workdir_lock.WorkdirLockedError: another live run uses `workdir`.
     checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
     checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
@@ -88,7 +83,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                                       total_steps=total_steps)
   def jit_update(config, graphdef):
     return jax.jit(
-        with_finite_check(train_step.make_train_step(config, graphdef)),
+        loop.with_finite_check(train_step.make_train_step(config, graphdef),
+                               trained=lambda state: state["student"]),
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0)
@@ -98,26 +94,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   unrolled_config = train_step.unrolled_config(config)
   if unrolled_config is not None:
     unrolled = jit_update(unrolled_config, train_step.abstract_train_state(unrolled_config)[0])
-  picture_fn = None
-  if config.picture_every_steps:
-    picture_fn = jax.jit(train_step.make_visualize_fn(config, graphdef),
-                         out_shardings=replicated)
 
   # ---- Checkpoint: restore the latest, or initialise. ----
   checkpointer = checkpoints_lib.Checkpointer(
       paths.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
-  restored = checkpointer.restore_latest(
-      sharding_lib.with_shardings(abstract_state, state_sharding))
-  data_state = None
-  if restored is not None:
-    state, data_state = restored
-  else:
-    init = jax.jit(lambda rng: train_step.init_train_state(config, rng=rng)[1],
-                   out_shardings=state_sharding)
-    state = init(jax.random.PRNGKey(config.seed))
-  start_step = int(jax.device_get(state["step"]))
-  if start_step >= total_steps:
-    logging.info("The run in %s is complete (%d of %d steps).", workdir, start_step, total_steps)
+  init = jax.jit(lambda rng: train_step.init_train_state(config, rng=rng)[1],
+                 out_shardings=state_sharding)
+  state, data_state, start_step = loop.restore_or_init(
+      checkpointer, abstract_state, state_sharding,
+      lambda: init(jax.random.PRNGKey(config.seed)))
 
   # ---- Input: this host's share of the global batch, at the restored position. ----
   data_iter = pipeline.make_train_iterator(
@@ -128,94 +113,25 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if is_primary:
     checkpoints_lib.write_config(workdir, config)
 
-  # ---- The loop. ----
-  writer = metrics_lib.MetricWriter(workdir, start_step=start_step, total_steps=total_steps,
-                                    enabled=is_primary)
-  preemption = checkpoints_lib.Preemption(checkpointer)
-  frames_per_step = config.batch_size * config.data.frames_per_clip
-  history = []  # (step, metrics on the device) since the last fetch; fetched in one go.
-  last_metrics = {}
-  timer_start, timer_steps = None, 0
-  compiled, once = None, {}  # The compiled step; what the next record carries once per start.
-  peak = flops_lib.device_peak(config.model.compute_dtype)  # Per device; None: unknown.
-  if start_step < total_steps:
-    logging.info("Compiling the train step (the first step takes a while).")
-  try:
-    for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
-      batch = sharding_lib.global_batch(next(data_iter), batch_sharding)
-      inputs = jax.device_put(schedule.at(step - 1), replicated)
-      if compiled is None:  # Compiled (or loaded from the cache) once, timed, with its FLOPs.
-        compiled = compilation.compile_step(update, state, batch, inputs, unrolled=unrolled,
-                                            loop_shards=mesh.size)
-        once["compile_time"] = compiled.compile_seconds
-        timer_start = time.perf_counter()
-      state, step_metrics = compiled.executable(state, batch, inputs)
-      history.append((step, step_metrics))
-      timer_steps += 1
-
-      stop = preemption.reached(step)
-      is_last = step == total_steps
-      log_now = step % config.log_every_steps == 0 or is_last
-      save_now = step % config.checkpoint_every_steps == 0 or is_last or stop
-      scores = {}
-      if evaluator.due(step, total_steps):  # Every process runs it, on its own devices.
-        evaluation_start = time.perf_counter()
-        scores = evaluator.run(train_step.teacher_backbone(graphdef, state), step)
-        timer_start += time.perf_counter() - evaluation_start  # Not train-step time.
-        writer.message(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-      if log_now or save_now:
-        fetched = jax.device_get(history)
-        history = []
-        bad = _first_non_finite(fetched)
-        if bad is not None:
-          bad_step, bad_metrics = bad
-          what = (f"the loss is {float(bad_metrics['loss'])}" if not np.isfinite(
-              bad_metrics["loss"]) else "the parameters are not finite")
-          checkpointer.wait_until_finished()
-          last_good = checkpointer.latest_step()
-          raise NonFiniteLossError(
-              f"{what} at step {bad_step}: stopping. " + (
-                  f"The last good checkpoint is step {last_good} in {checkpointer.directory}"
-                  if last_good is not None else "No checkpoint was saved before it, so the "
-                  "next run starts from scratch") + "; change the config (e.g. a lower "
-              "--config.optim.base_lr) and run again.")
-        if log_now:
-          last_metrics = {name: float(value) for name, value in fetched[-1][1].items()
-                          if name != "finite"}
-          last_metrics.update(once)
-          once = {}
-          elapsed = time.perf_counter() - timer_start
-          if timer_steps:
-            last_metrics["step_time"] = elapsed / timer_steps
-            last_metrics["frames_per_second"] = frames_per_step * timer_steps / elapsed
-            last_metrics.update(flops_lib.rates(compiled.flops, elapsed / timer_steps, peak))
-          last_metrics.update(scores)  # The evaluators' numbers join the step's record.
-          writer.write_scalars(step, last_metrics)
-          timer_start, timer_steps = time.perf_counter(), 0
-      if picture_fn is not None and (step % config.picture_every_steps == 0 or is_last):
-        arrays = jax.device_get(picture_fn(state, batch, jax.random.fold_in(
-            jax.random.PRNGKey(config.seed), step)))
-        if is_primary:
-          _write_picture(workdir, step, arrays, writer)
-      if scores and not log_now:
-        writer.write_scalars(step, scores)
-      if save_now:
-        checkpointer.save(step, state, data_iter.get_state())
-      writer.advance(step)
-      if stop and not is_last:
-        writer.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; run the same "
-                       "command again to resume.")
-        break
-  finally:
-    try:
-      # Saves in flight finish (or the last good one stays) before the process goes.
-      checkpointer.wait_until_finished()
-    finally:  # Also when that save failed.
-      checkpointer.close()
-      preemption.close()
-      writer.close()
-      if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
-        data_iter.close()
+  # ---- The loop (trainer/loop.py): DoRA's step, evaluators, pictures. ----
+  job = loop.Job(
+      workdir=workdir, total_steps=total_steps, log_every_steps=config.log_every_steps,
+      update=update, batch_sharding=batch_sharding,
+      # The update's arguments for step `step` (1-based): the schedules' values at step - 1.
+      step_inputs=lambda state, batch, step: (
+          state, batch, jax.device_put(schedule.at(step - 1), replicated)),
+      items_per_step=config.batch_size * config.data.frames_per_clip,
+      throughput_name="frames_per_second",
+      checkpoint_due=lambda step: step % config.checkpoint_every_steps == 0,
+      evaluation_due=lambda step: evaluator.due(step, total_steps),
+      # Every process runs it, on its own devices.
+      evaluate=lambda step, state: evaluator.run(train_step.teacher_backbone(graphdef, state),
+                                                 step),
+      after_step=make_picture_writer(config, graphdef, workdir, total_steps, replicated),
+      unrolled=unrolled, loop_shards=mesh.size,
+      peak_flops=flops_lib.device_peak(config.model.compute_dtype))  # Per device; None: unknown.
+  _, last_metrics = loop.run(job, state=state, start_step=start_step, data_iter=data_iter,
+                             checkpointer=checkpointer)
   return last_metrics
 
 
@@ -225,7 +141,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def make_evaluator(config: ml_collections.ConfigDict,
                    plan: preflight.RunPlan) -> periodic.PeriodicEvaluator:
   """The evaluators of `config.eval` (none by default); bad settings or data: ConfigError."""
-  demo_tour = (os.path.join(plan.workdir, preflight.DEMO_DATA_DIR) if config.data.synthetic
+  demo_tour = (paths.join(plan.workdir, preflight.DEMO_DATA_DIR) if config.data.synthetic
                else None)
   try:
     return periodic.PeriodicEvaluator.from_config(config, demo_tour=demo_tour)
@@ -233,33 +149,29 @@ def make_evaluator(config: ml_collections.ConfigDict,
     raise preflight.ConfigError(str(e).strip().splitlines()[0]) from None
 
 
-def with_finite_check(step_fn):
-  """Adds metric `finite`: the loss and every updated student parameter are finite.
+def make_picture_writer(config: ml_collections.ConfigDict, graphdef, workdir: str,
+                        total_steps: int, replicated):
+  """The loop's `after_step`: the tracking picture every `picture_every_steps` and at the last
+  step, to WORKDIR/pictures/step_STEP.png and TensorBoard (None when the config draws none)."""
+  if not config.picture_every_steps:
+    return None
+  picture_fn = jax.jit(train_step.make_visualize_fn(config, graphdef), out_shardings=replicated)
 
-  Checked inside the jitted step (one pass over the parameters), so that a state that has just
-  gone NaN is never saved, even when the loss computed from it is not known yet.
-  """
+  def after_step(step: int, state, batch, writer: metrics_lib.MetricWriter) -> None:
+    if step % config.picture_every_steps and step != total_steps:
+      return
+    arrays = jax.device_get(picture_fn(state, batch, jax.random.fold_in(
+        jax.random.PRNGKey(config.seed), step)))
+    if jax.process_index() == 0:
+      write_picture(workdir, step, arrays, writer)
 
-  def step(state, batch, schedule):
-    new_state, metrics = step_fn(state, batch, schedule)
-    leaves = jax.tree.leaves(new_state["student"])
-    finite = jnp.isfinite(metrics["loss"])
-    for leaf in leaves:
-      finite &= jnp.all(jnp.isfinite(leaf))
-    return new_state, dict(metrics, finite=finite)
-
-  return step
-
-
-def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, dict] | None:
-  for step, metrics in history:
-    if not metrics["finite"]:
-      return step, metrics
-  return None
+  return after_step
 
 
-def _write_picture(workdir: str, step: int, arrays: dict[str, np.ndarray],
-                   writer: metrics_lib.MetricWriter) -> str:
+def write_picture(workdir: str, step: int, arrays: dict[str, np.ndarray],
+                  writer: metrics_lib.MetricWriter) -> str:
+  """WORKDIR/pictures/step_STEP.png (and TensorBoard's image) from `make_visualize_fn`'s arrays;
+  its path."""
   picture = pictures.make_picture(
       arrays["frames"], arrays["heatmaps"], arrays["masked_views"], arrays.get("masks"),
       title=f"step {step}")
