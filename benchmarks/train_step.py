@@ -4,7 +4,7 @@ r"""Times the jitted train step: settings side by side in one process, interleav
   python benchmarks/train_step.py --preset=reference-cpu --head=scaled,fused   # before/after
   python benchmarks/train_step.py --preset=reference-cpu --breakdown           # where it goes
   python benchmarks/train_step.py --preset=paper-device             # on a GPU/TPU (accelerator.sh)
-  python benchmarks/train_step.py --variant=B/16 --clips=1 --remat=false,true --settings=dino
+  python benchmarks/train_step.py --variant=B/16 --clips=1 --remat=none,full --settings=dino
 
 Each row is one setting (DoRA keep / remove, DINO) with one head formula and one remat/scan
 choice, compiled once (through `compilation.compile_step`, which also gives XLA's FLOPs of the
@@ -81,8 +81,8 @@ _SETTINGS = flags.DEFINE_list(
 _HEAD = flags.DEFINE_list(
     "head", "scaled", "Head formulas: scaled (the code's), fused (the first formula), per_group "
     "(the code's formula, a head call per image size).")
-_REMAT = flags.DEFINE_list("remat", "", "model.remat values to time (none, dots, full; true/false "
-                           "mean full/none); empty: the config's default.")
+_REMAT = flags.DEFINE_list("remat", "", "model.remat values to time (none, dots, full); empty: "
+                           "the config's default.")
 _SCAN = flags.DEFINE_list("scan", "true", "model.scan values to time (true/false).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row (after one untimed step).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the parts of the first setting.")

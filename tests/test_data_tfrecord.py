@@ -295,41 +295,69 @@ def fuzz_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("fuzz")
 
 
+def _walk(path) -> tuple[list[bytes], bool]:
+  """The records `iter_records` yields before it ends or raises, and whether it raised."""
+  walked = []
+  try:
+    for record in tfrecord.iter_records(path):
+      walked.append(record)
+  except tfrecord.CorruptRecordError:
+    return walked, True
+  return walked, False
+
+
+# Records of length 0 included: a frame is never empty, but the framing allows it.
+_RECORDS = st.lists(st.one_of(st.just(b""), st.binary(max_size=48)), min_size=1, max_size=4)
+
+
 @hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@hypothesis.given(records=st.lists(st.binary(max_size=48), min_size=1, max_size=4),
-                  shard_damage=st.lists(_SHARD_DAMAGE, max_size=3),
+@hypothesis.given(records=_RECORDS, shard_damage=st.lists(_SHARD_DAMAGE, max_size=3),
                   index_damage=st.one_of(st.none(), _INDEX_DAMAGE))
+@hypothesis.example(records=[b"", b"abc", b""], shard_damage=[], index_damage=None)
 def test_fuzz_every_read_returns_the_data_or_raises_corrupt_record_error(
     fuzz_dir, records, shard_damage, index_damage):
+  # What was not damaged must read: a reader that refuses good data fails here, not only one
+  # that returns bad data. Damage is judged by the bytes (a damage can leave them unchanged).
   path = str(fuzz_dir / "s.tfrecord")
+  index_path = path + tfrecord.INDEX_SUFFIX
   with tfrecord.TFRecordWriter(path) as writer:
     for record in records:
       writer.write(record)
-  offsets = writer.offsets
-  blob = bytearray(open(path, "rb").read())
+  offsets, sizes = writer.offsets, writer.sizes
+  written = open(path, "rb").read()
+  written_index = open(index_path, "rb").read()
+  blob = bytearray(written)
   for damage in shard_damage:
     blob = _damage_shard(blob, offsets, damage)
   open(path, "wb").write(blob)
   if index_damage is not None:
-    index_path = path + tfrecord.INDEX_SUFFIX
-    text = _damage_index(open(index_path, "rb").read(), index_damage)
-    open(index_path, "wb").write(text)
+    open(index_path, "wb").write(_damage_index(written_index, index_damage))
+  index_intact = open(index_path, "rb").read() == written_index
+  intact = [bytes(blob[o:o + s]) == written[o:o + s] for o, s in zip(offsets, sizes)]
 
-  try:  # Walking the framing (what --verify does): the records, or the records before a cut.
-    walked = list(tfrecord.iter_records(path))
-    assert walked == records[:len(walked)]
-    assert len(walked) == len(records) or len(blob) < sum(len(r) + 16 for r in records)
+  # Walking the framing (what --verify does): the records, or the records before a cut; every
+  # record before the first damaged one is read.
+  walked, raised = _walk(path)
+  assert walked == records[:len(walked)]
+  leading_intact = next((i for i, ok in enumerate(intact) if not ok), len(records))
+  assert len(walked) >= leading_intact
+  if bytes(blob) == written:
+    assert len(walked) == len(records) and not raised
+  if not raised:
+    assert len(walked) == len(records) or len(blob) < len(written)
     offsets_walked, _ = tfrecord.build_index(path)
     assert len(offsets_walked) == len(walked)
-  except tfrecord.CorruptRecordError:
-    pass
-  try:  # Random access through the index (what training does).
+
+  # Random access through the index (what training does): with the index and the shard's size
+  # as written it opens, and every record whose bytes are as written reads back.
+  try:
     reader = tfrecord.ShardReader(path, num_records=len(records))
   except tfrecord.CorruptRecordError:
+    assert not (index_intact and len(blob) == len(written))
     return
   for i, record in enumerate(records):
     try:
       assert reader.read(i) == record
     except tfrecord.CorruptRecordError:
-      pass
+      assert not (index_intact and intact[i])
   reader.close()

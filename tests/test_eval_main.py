@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -14,7 +15,6 @@ from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
 from dora_jax.evaluation import track
 from dora_jax import objects
-from dora_jax import pretrained
 from dora_jax.trainer import checkpoints
 from dora_jax.trainer import step as train_step
 
@@ -33,18 +33,26 @@ def _tiny_config():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A work folder with one checkpoint of a freshly initialised tiny model (no training)."""
+def saved_run(tmp_path_factory):
+  """(work folder, its teacher's ViT built in memory): one checkpoint of a freshly initialised
+  tiny model whose student is all zeros, so that evaluating the student by mistake fails (its
+  features are all equal: k-NN at chance, other tracking and DAVIS numbers)."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _tiny_config()
-  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  state = dict(state, student=jax.tree.map(jnp.zeros_like, state["student"]))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
                                           keep=1)
   checkpointer.save(1, state, {})
   checkpointer.wait_until_finished()
   checkpointer.close()
   checkpoints.write_config(workdir, config)
-  return workdir
+  return workdir, train_step.teacher_backbone(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def run_dir(saved_run):
+  return saved_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +99,8 @@ def test_knn(run_dir, data, tmp_path, capsys):
   assert stdout.startswith("k-NN (k=2, T=0.07): top-1 100.00%")
 
 
-def test_track_uses_the_checkpoints_teacher(run_dir, data, tmp_path, capsys):
+def test_track_uses_the_checkpoints_teacher(saved_run, data, tmp_path, capsys):
+  run_dir, teacher = saved_run
   out = tmp_path / "track"
   args = ["--clips", "2", "--frames-per-clip", "2", "--frame-stride", "3", "--short-side", "16",
           "--num-objects", "2"]
@@ -101,8 +110,7 @@ def test_track_uses_the_checkpoints_teacher(run_dir, data, tmp_path, capsys):
   report = json.loads((out / eval_main.TRACK_REPORT).read_text())
   settings = track.TrackSettings(num_clips=2, frames_per_clip=2, frame_stride=3, short_side=16,
                                  size_multiple=8, dora=objects.DoraOptions(num_objects=2), seed=0)
-  expected = track.evaluate_tracking(pretrained.load_backbone(run_dir),
-                                     str(data / "tour" / "walking_tour.mp4"), settings)
+  expected = track.evaluate_tracking(teacher, str(data / "tour" / "walking_tour.mp4"), settings)
   assert report["track_iou"] == pytest.approx(expected["track_iou"])
   assert report["settings"]["size_multiple"] == 8  # The checkpoint's patch size.
   assert stdout.startswith("tracking IoU ")
@@ -129,7 +137,8 @@ def test_flags_that_a_training_config_has_default_to_config_bases(monkeypatch):
   assert (knn_args.k, knn_args.temperature) == (11, 0.5)
 
 
-def test_davis(run_dir, data, tmp_path, capsys):
+def test_davis(saved_run, data, tmp_path, capsys):
+  run_dir, teacher = saved_run
   out = tmp_path / "davis"
   code, stdout, _ = _main(["davis", "--checkpoint", run_dir, "--data", str(data / "DAVIS"),
                            "--sequences", "walk", "--short-side", "16", "--size-multiple", "8",
@@ -138,6 +147,10 @@ def test_davis(run_dir, data, tmp_path, capsys):
   assert code == 0
   report = json.loads((out / davis.METRICS_FILE).read_text())
   assert 0 <= report["J&F"] <= 1 and list(report["sequences"]) == ["walk"]
+  expected = davis.evaluate_davis(
+      teacher, str(data / "DAVIS"), str(tmp_path / "expected"), sequences=["walk"],
+      settings=davis.PropagationSettings(short_side=16, size_multiple=8), progress=False)
+  assert report["sequences"] == expected["sequences"]  # The teacher's numbers.
   assert sorted(os.listdir(out / "walk")) == [f"{i:05d}.png" for i in range(4)]
   assert stdout.startswith("DAVIS-2017 (1 sequences")
 

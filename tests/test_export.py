@@ -377,15 +377,17 @@ def _load_config(path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A dora-train work folder with one checkpoint (step 5) of a tiny model, written through the
-  trainer's own Checkpointer (random teacher and student: the export must pick the teacher)."""
+def saved_run(tmp_path_factory):
+  """(work folder, its teacher's ViT built in memory): a dora-train work folder with one
+  checkpoint (step 5) of a tiny model, written through the trainer's own Checkpointer (random
+  teacher and student: the export must pick the teacher, which the tests compare with the
+  teacher held here, not with one loaded back from the same files)."""
   config = _load_config(os.path.join(ROOT, "configs", "demo.py"))
   config.model.update(dim=DIM, depth=DEPTH, num_heads=HEADS, patch_size=PATCH, out_dim=16,
                       head_hidden_dim=16, head_bottleneck_dim=8)
   config.data.global_size = IMG
   # The state's shapes without compiling anything, filled with random values.
-  _, abstract = train_step.abstract_train_state(config)
+  graphdef, abstract = train_step.abstract_train_state(config)
   rng = np.random.default_rng(0)
   state = jax.tree.map(
       lambda leaf: (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
@@ -396,17 +398,18 @@ def run_dir(tmp_path_factory):
   manager.wait_until_finished()
   manager.close()
   checkpoints.write_config(workdir, config)
-  return workdir
+  return workdir, train_step.teacher_backbone(graphdef, jax.tree.map(jnp.asarray, state))
 
 
-def test_run_exports_its_teacher(run_dir, tmp_path, capsys):
+def test_run_exports_its_teacher(saved_run, tmp_path, capsys):
+  run_dir, teacher = saved_run
   out = str(tmp_path / "exported")
   code, _, stderr = _run_cli(capsys, "--checkpoint", run_dir, "--out", out)
   assert code == 0, stderr
   source = json.load(open(os.path.join(out, export.DESCRIPTION_FILE)))["source"]
   assert source == {"kind": "dora-train", "checkpoint": run_dir, "step": 5}
   images = _images(6)
-  expected = _outputs(pretrained.load_backbone(run_dir), images)
+  expected = _outputs(teacher, images)
   exported = _outputs(pretrained.load_backbone(out), images)
   for name in expected:
     np.testing.assert_array_equal(exported[name], expected[name])
@@ -419,8 +422,9 @@ def test_run_exports_its_teacher(run_dir, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "x")
 
 
-def test_run_to_pytorch_loads_strictly_with_equal_outputs(run_dir, tmp_path, capsys):
+def test_run_to_pytorch_loads_strictly_with_equal_outputs(saved_run, tmp_path, capsys):
   torch = pytest.importorskip("torch")
+  run_dir, teacher = saved_run
   out, pth = str(tmp_path / "exported"), str(tmp_path / "teacher.pth")
   code, stdout, stderr = _run_cli(capsys, "--checkpoint", run_dir, "--out", out, "--torch-out",
                                   pth)
@@ -432,7 +436,7 @@ def test_run_to_pytorch_loads_strictly_with_equal_outputs(run_dir, tmp_path, cap
   images = _images(7)
   with torch.no_grad():
     reference = {k: v.numpy() for k, v in model(torch.from_numpy(images)).items()}
-  _assert_close(_outputs(pretrained.load_backbone(run_dir), images), reference)
+  _assert_close(_outputs(teacher, images), reference)
   # An existing --torch-out is refused before anything is written.
   code, _, stderr = _run_cli(capsys, "--checkpoint", run_dir, "--out", tmp_path / "again",
                              "--torch-out", pth)

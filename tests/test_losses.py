@@ -33,6 +33,31 @@ def test_dino_loss_matches_hand_computation():
                              0.9 * center + 0.1 * teacher_logits.reshape(-1, 3).mean(0), rtol=1e-6)
 
 
+
+def test_dino_loss_averages_several_masked_views_and_crops():
+  # V = 3 different masked views and M = 2 crops of each of T = 2 frames of B = 2 clips, against
+  # a float64 loop over clips, frames, views and crops: a sum over views (or over crops, or a
+  # different weighting of the two terms) gives another value.
+  rng = np.random.default_rng(2)
+  clips, frames, views, crops, k = 2, 2, 3, 2, 6
+  teacher_probs = _softmax(rng.normal(size=(clips, frames, k)) * 3)
+  masked = rng.normal(size=(clips, frames, views, k)) * 2
+  local = rng.normal(size=(clips, frames, crops, k)) * 2
+  ce = lambda q, s: -np.sum(q * np.log(_softmax(s / 0.1)))
+  masked_terms, per_frame = [], []
+  for b in range(clips):
+    for t in range(frames):
+      masked_term = np.mean([ce(teacher_probs[b, t], masked[b, t, v]) for v in range(views)])
+      local_term = np.mean([ce(teacher_probs[b, t], local[b, t, m]) for m in range(crops)])
+      masked_terms.append(masked_term)
+      per_frame.append(0.5 * masked_term + 0.5 * local_term)
+  probs = jnp.asarray(teacher_probs, jnp.float32)
+  got = losses.dino_loss(probs, jnp.asarray(masked, jnp.float32),
+                         jnp.asarray(local, jnp.float32), student_temp=0.1)
+  np.testing.assert_allclose(float(got), np.mean(per_frame), rtol=1e-5)
+  only_masked = losses.dino_loss(probs, jnp.asarray(masked, jnp.float32), None, student_temp=0.1)
+  np.testing.assert_allclose(float(only_masked), np.mean(masked_terms), rtol=1e-5)
+
 def _softmax(x):
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)

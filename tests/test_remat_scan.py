@@ -9,6 +9,7 @@ import pytest
 from dora_jax import config_base
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax.trainer import preflight
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
@@ -95,8 +96,21 @@ def test_train_step_with_remat_and_scan_equals_the_plain_step(tiny_config):
                nnx.to_pure_dict(state["student"]), nnx.to_pure_dict(plain_state["student"]))
 
 
-def test_remat_policy_names_and_bools():
-  assert [vit.remat_policy(v) for v in (True, False, "True", "false", "dots", "FULL", "none")] == [
-      "full", "none", "full", "none", "dots", "full", "none"]
-  with pytest.raises(ValueError, match="model.remat is 'some'; expected one of none, dots, full"):
-    vit.remat_policy("some")
+def test_remat_is_none_dots_or_full_and_never_a_bool():
+  assert [vit.remat_policy(v) for v in ("none", "dots", "full")] == ["none", "dots", "full"]
+  for remat in (True, False, 1, "true", "FULL", "some"):
+    with pytest.raises(ValueError) as error:
+      vit.remat_policy(remat)
+    assert str(error.value) == f"model.remat is {remat!r}; use one of none, dots, full."
+  with pytest.raises(ValueError, match=r"^model\.remat is True; "):
+    vit.VisionTransformer(dim=32, depth=2, num_heads=4, patch_size=8, img_size=32, remat=True,
+                          rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("remat", ["true", "false", "Full", ""])
+def test_trainer_checks_refuse_other_remat_values(tiny_config, remat):
+  # What `--config.model.remat=true` gives: one line naming the key and the values, from the
+  # trainer's checks, before anything compiles.
+  with pytest.raises(preflight.ConfigError) as error:
+    preflight.check_config(tiny_config(**{"model.remat": remat}))
+  assert str(error.value) == f"config model: model.remat is {remat!r}; use one of none, dots, full."

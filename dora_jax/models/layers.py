@@ -5,7 +5,6 @@ import math
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def trunc_normal_init():
@@ -32,18 +31,12 @@ def torch_default_init(fan_in: int):
 REMAT_POLICIES = ("none", "dots", "full")
 
 
-def remat_policy(remat: bool | str) -> str:
-  """`config.model.remat` -> one of `REMAT_POLICIES`; True / False (or "true" / "false", as a
-  command line spells them) mean "full" / "none"."""
-  if isinstance(remat, (bool, np.bool_)):
-    return "full" if remat else "none"
-  name = str(remat).lower()
-  if name in ("true", "false"):
-    return "full" if name == "true" else "none"
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"model.remat is {remat!r}; expected one of {', '.join(REMAT_POLICIES)} "
-                     "(or a bool: True is full, False none).")
-  return name
+def remat_policy(remat: str) -> str:
+  """`config.model.remat`, checked to be one of `REMAT_POLICIES`: a bool is an error (True would
+  not say which policy)."""
+  if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat is {remat!r}; use one of {', '.join(REMAT_POLICIES)}.")
+  return remat
 
 
 def checkpointed(fn, policy: str):

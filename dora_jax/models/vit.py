@@ -207,7 +207,7 @@ class VisionTransformer(nnx.Module):
                drop_path_rate: float = 0.0, dtype: Any = jnp.float32,
                dim: int | None = None, depth: int | None = None,
                num_heads: int | None = None, patch_size: int | None = None,
-               remat: bool | str = False, scan: bool = False, rngs: nnx.Rngs):
+               remat: str = "none", scan: bool = False, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
@@ -220,10 +220,10 @@ class VisionTransformer(nnx.Module):
         the residual stream, norms and softmax stay float32.
       dim, depth, num_heads, patch_size: override the variant's values.
       remat: what the backward pass recomputes of each block instead of keeping it
-        (jax.checkpoint; `REMAT_POLICIES`, or True / False for "full" / "none"): the same
-        numbers. "dots" keeps only the weight matmuls' outputs (less memory, a little
-        recompute; on XLA:CPU also faster under `scan`), "full" only each block's input (about
-        one more forward of compute). See BENCHMARKS.md.
+        (jax.checkpoint; one of `REMAT_POLICIES`): the same numbers. "dots" keeps only the
+        weight matmuls' outputs (less memory, a little recompute; on XLA:CPU also faster under
+        `scan`), "full" only each block's input (about one more forward of compute). See
+        BENCHMARKS.md.
       scan: run blocks 0..depth-2 as one `jax.lax.scan` over their parameters, stacked for the
         call (the parameters keep their per-block paths, so checkpoints and PyTorch names do not
         change): the same numbers, one block body to compile instead of depth - 1.
