@@ -5,9 +5,9 @@ r"""The fine-tuning demo: the demo's DoRA backbone on labelled crops of syntheti
 
 The first run makes WORKDIR/demo_images: crops of the balls, boxes and kites of a new synthetic
 walking tour (not the pretraining one), its first frames for training and its last frames for
-validation. A linear probe trains on the frozen demo backbone (the [CLS] of its last 2 of 4
-blocks), then the same probe on a randomly initialised backbone of the same shape (in
-WORKDIR/random_init); the last two lines give both validation accuracies (also in
+validation. A linear probe trains on the frozen demo backbone (the [CLS] of both its blocks:
+linear.num_last_blocks=2), then the same probe on a randomly initialised backbone of the same
+shape (in WORKDIR/random_init); the last two lines give both validation accuracies (also in
 WORKDIR/comparison.json). About 2.5 minutes on a 2-core CPU.
 
 Arguments (after the colon, comma-separated):
