@@ -37,3 +37,20 @@ def test_summary_table_and_chart(tmp_path):
   path = tmp_path / "chart.png"
   driver.chart(table, runs, str(path))
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collapse_indicators():
+  spec = importlib.util.spec_from_file_location(
+      "feature_stats", os.path.join(ROOT, "experiments", "feature_stats.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rng = np.random.default_rng(0)
+  # Every image at (nearly) one point: cosine 1, one direction carries the spread.
+  direction = rng.standard_normal(16)
+  collapsed = module.stats(direction + 1e-3 * np.outer(rng.standard_normal(50), rng.standard_normal(16)))
+  assert collapsed["mean_cos"] > 0.99 and collapsed["top_direction"] > 0.99
+  # The 16 basis vectors: pairwise cosine 0; centred, 15 equal directions.
+  basis = module.stats(np.eye(16))
+  np.testing.assert_allclose(basis["mean_cos"], 0.0, atol=1e-12)
+  np.testing.assert_allclose(basis["effective_rank"], 15.0, rtol=1e-9)
+  np.testing.assert_allclose(basis["top_direction"], 1 / 15, rtol=1e-9)
