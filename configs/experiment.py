@@ -16,6 +16,8 @@ epochs, scaled to the same number of steps.
 
 Arguments (after the colon, comma-separated): method=dora|dino, data=DIR, steps=N.
 """
+import os
+
 import ml_collections
 
 from dora_jax import config_base
@@ -25,27 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_base.parse_arg(arg, method="dora", data="", steps=3000)
   if args.method not in ("dora", "dino"):
     raise ValueError(f"configs/experiment.py: method must be dora or dino, got {args.method!r}.")
-  c = config_base.shrink_for_cpu(config_base.get_base_config())
+  # The demo's recipe (configs/demo.py says why each value), on the experiment's tour.
+  c = config_base.load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "demo.py"))
   c.data.synthetic = False
   c.data.dir = args.data
-  # The demo's recipe (configs/demo.py says why each value).
-  c.model.depth = 2
-  c.model.num_heads = 8
-  c.data.frames_per_clip = 4
-  c.data.frame_stride = 3
-  c.data.global_pre_scale = (0.4, 1.0)
-  c.data.global_scale = (0.5, 1.0)
-  c.data.num_workers = 1
-  c.optim.base_lr = 0.15
-  c.optim.min_lr = 1e-5
-  c.optim.warmup_epochs = 1
-  c.optim.weight_decay = 0.04
-  c.optim.weight_decay_end = 0.1
-  c.optim.freeze_last_layer_epochs = 0
-  c.optim.teacher_momentum = 0.98
-  c.loss.warmup_teacher_temp = 0.04
-  c.loss.teacher_temp = 0.02
-  c.loss.warmup_teacher_temp_epochs = 10
   c.total_steps = args.steps
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 1
