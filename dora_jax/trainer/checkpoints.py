@@ -284,22 +284,34 @@ class Checkpointer:
 
 
 class Preemption:
-  """SIGTERM (a preempted VM, `scancel`, Ctrl-\\ in a pod) asks the loop to save and stop.
+  """SIGTERM (a preempted VM, `scancel`) or Ctrl-C asks the loop to save and stop.
 
-  With several processes jax's preemption service, which handles SIGTERM itself, makes the hosts
-  agree on the step at which all of them save.
+  Both are handled at a step boundary, so that the signal never lands inside a save (an orbax
+  save cut by a KeyboardInterrupt could leave its commit thread waited on forever); after a
+  Ctrl-C the loop saves, closes everything and raises KeyboardInterrupt (exit 130). A second
+  Ctrl-C stops at once. With several processes jax's preemption service, which handles SIGTERM
+  itself, makes the hosts agree on the step at which all of them save; Ctrl-C keeps Python's
+  default there.
   """
 
   def __init__(self, checkpointer: Checkpointer):
     self._checkpointer = checkpointer
     self._requested = False
-    self._previous = None
+    self.interrupted = False  # Ctrl-C asked for the stop.
+    self._previous = {}
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_interrupt)
 
   def _handle(self, signum, frame):
     del signum, frame
     self._requested = True
+
+  def _handle_interrupt(self, signum, frame):
+    del signum, frame
+    if self.interrupted:
+      raise KeyboardInterrupt
+    self.interrupted = self._requested = True
 
   def reached(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -307,8 +319,9 @@ class Preemption:
     return self._checkpointer.reached_preemption(step)
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def _add_small_items(registry: ocp.handlers.DefaultCheckpointHandlerRegistry) -> None:

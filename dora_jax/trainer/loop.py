@@ -144,12 +144,14 @@ def _non_finite_error(bad: tuple[int, dict],
 
 def run(job: Job, *, state: Any, start_step: int, data_iter: Any,
         checkpointer: checkpoints_lib.Checkpointer) -> tuple[Any, dict[str, float]]:
-  """Runs `job` from `start_step` to its end, or to SIGTERM; returns (state, last record).
+  """Runs `job` from `start_step` to its end, or to SIGTERM or Ctrl-C (both save the step they
+  reach; Ctrl-C then raises KeyboardInterrupt); returns (state, last record).
 
   Takes over `data_iter` (at its restored position) and `checkpointer`: both are closed when it
   returns or raises.
 
   Raises:
+    KeyboardInterrupt: after Ctrl-C, once the step it reached is saved and everything closed.
     NonFiniteLossError: the loss or the state became NaN/inf (the last good checkpoint is kept).
     checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
@@ -167,6 +169,7 @@ def run(job: Job, *, state: Any, start_step: int, data_iter: Any,
                  total_steps)
   else:
     logging.info("Compiling the train step (the first step takes a while).")
+  stopped_early = False
   try:
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding_lib.global_batch(next(data_iter), job.batch_sharding)
@@ -218,8 +221,10 @@ def run(job: Job, *, state: Any, start_step: int, data_iter: Any,
         checkpointer.save(step, state, data_iter.get_state())
       writer.advance(step)
       if stop and not is_last:
-        writer.message(f"SIGTERM: saved step {step} to {checkpointer.directory}; run the same "
-                       "command again to resume.")
+        signal_name = "Ctrl-C" if preemption.interrupted else "SIGTERM"
+        writer.message(f"{signal_name}: saved step {step} to {checkpointer.directory}; run the "
+                       "same command again to resume.")
+        stopped_early = True
         break
   finally:
     try:
@@ -231,4 +236,6 @@ def run(job: Job, *, state: Any, start_step: int, data_iter: Any,
       writer.close()
       if hasattr(data_iter, "close"):  # Stops grain's worker processes and frees their memory.
         data_iter.close()
+  if stopped_early and preemption.interrupted:
+    raise KeyboardInterrupt  # Saved and closed: the command line exits 130.
   return state, last_metrics
