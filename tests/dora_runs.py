@@ -86,3 +86,28 @@ def run_to_end(args, env, timeout=300):
   _, stderr = process.communicate(timeout=timeout)
   assert process.returncode == 0, stderr[-3000:]
   return stderr
+
+
+def save_untrained_run(workdir):
+  """A dora-train work folder in `workdir` with one checkpoint (step 1) of a freshly initialised
+  tiny demo model (width 32, 2 blocks, 2 heads, 8-px patches, 16-px views) whose student is all
+  zeros, so that a command that evaluates the student by mistake fails; returns the teacher's ViT
+  built in memory, to compare with what the command loads."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top
+
+  config = load_config(DEMO_CONFIG)
+  config.model.dim, config.model.depth, config.model.num_heads = 32, 2, 2
+  config.model.out_dim, config.model.head_hidden_dim, config.model.head_bottleneck_dim = 64, 32, 16
+  config.data.global_size = 16
+  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  state = dict(state, student=jax.tree.map(jnp.zeros_like, state["student"]))
+  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
+                                          keep=1)
+  checkpointer.save(1, state, {})
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  checkpoints.write_config(workdir, config)
+  return train_step.teacher_backbone(graphdef, state)

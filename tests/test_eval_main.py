@@ -1,13 +1,12 @@
 """`dora-eval knn|davis|track` on a tiny checkpoint: reports written, bad input exits 2."""
-import importlib.util
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
+
+import dora_runs
 
 from dora_jax.cli import eval as eval_main
 from dora_jax import config_base
@@ -16,38 +15,17 @@ from dora_jax.evaluation import davis
 from dora_jax.evaluation import track
 from dora_jax import objects
 from dora_jax.trainer import checkpoints
-from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.model.dim, config.model.depth, config.model.num_heads = 32, 2, 2
-  config.model.out_dim, config.model.head_hidden_dim, config.model.head_bottleneck_dim = 64, 32, 16
-  config.data.global_size = 16
-  return config
-
-
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
-  """(work folder, its teacher's ViT built in memory): one checkpoint of a freshly initialised
-  tiny model whose student is all zeros, so that evaluating the student by mistake fails (its
-  features are all equal: k-NN at chance, other tracking and DAVIS numbers)."""
+  """(work folder, its teacher's ViT built in memory); the student is all zeros, so evaluating
+  it by mistake fails (its features are all equal: k-NN at chance, other tracking and DAVIS
+  numbers)."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = _tiny_config()
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
-  state = dict(state, student=jax.tree.map(jnp.zeros_like, state["student"]))
-  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
-                                          keep=1)
-  checkpointer.save(1, state, {})
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  checkpoints.write_config(workdir, config)
-  return workdir, train_step.teacher_backbone(graphdef, state)
+  return workdir, dora_runs.save_untrained_run(workdir)
 
 
 @pytest.fixture(scope="module")

@@ -1,42 +1,26 @@
 """`dora-eval seg` end to end on a tiny ADE-layout folder (from a synthetic tour) and a tiny
 random checkpoint; its one-line errors."""
-import importlib.util
 import json
 import os
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
+
+import dora_runs
 
 from dora_jax.cli import eval as eval_main
 from dora_jax.data import eval_sets
 from dora_jax.data import synthetic
 from dora_jax.evaluation import track
-from dora_jax.trainer import checkpoints
-from dora_jax.trainer import step as train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A work folder with one checkpoint of a freshly initialised tiny model (patch 8)."""
-  spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.model.dim, config.model.depth, config.model.num_heads = 32, 2, 2
-  config.model.out_dim, config.model.head_hidden_dim, config.model.head_bottleneck_dim = 64, 32, 16
-  config.data.global_size = 16
   workdir = str(tmp_path_factory.mktemp("run"))
-  _, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
-  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
-                                          keep=1)
-  checkpointer.save(1, state, {})
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  checkpoints.write_config(workdir, config)
+  dora_runs.save_untrained_run(workdir)
   return workdir
 
 
