@@ -1,9 +1,14 @@
 """What the end-to-end tests share: the tiny demo config as a config and as command-line flags,
 and `dora-train` started as a process (test_train.py, test_checkpoints.py, test_cli_errors.py)."""
+import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
+from unittest import mock
+
+from etils.epath import gpath
+from etils.epath import testing as epath_testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.py")
@@ -111,3 +116,42 @@ def save_untrained_run(workdir):
   checkpointer.close()
   checkpoints.write_config(workdir, config)
   return train_step.teacher_backbone(graphdef, state)
+
+
+BUCKET = "gs://bucket"
+
+
+@contextlib.contextmanager
+def fake_bucket(root, *, local_paths=False):
+  """Serves gs://bucket/... from the local folder `root` through etils' mock of epath's backends;
+  yields the list of paths opened (appended to as they are). Other paths are refused, or with
+  `local_paths` pass through to the local disk (images, a backbone)."""
+  opened = []
+
+  def mapped(fn, path, *args, **kwargs):
+    text = os.fspath(path)
+    if "://" in text or not local_paths:
+      assert text == BUCKET or text.startswith(BUCKET + "/"), f"unexpected path {text}"
+      opened.append(text)
+      text = os.path.join(root, text[len(BUCKET) + 1:])
+    return fn(text, *args, **kwargs)
+
+  # With TensorFlow installed (the test extra has it) epath would pick tf.io.gfile for gs://,
+  # which the mock does not replace.
+  with mock.patch.object(gpath, "_is_tf_installed", lambda: False), epath_testing.mock_epath(
+      open=mapped, exists=mapped, isdir=mapped, stat=mapped, makedirs=mapped, mkdir=mapped,
+      listdir=mapped, remove=mapped, glob=mapped, walk=mapped):
+    yield opened
+
+
+class NoTensorBoard:
+  """TensorBoard's own gs:// writer needs google-cloud-storage: not what the bucket tests test."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def add_scalar(self, *args, **kwargs):
+    del args, kwargs
+
+  def close(self):
+    pass

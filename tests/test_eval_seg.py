@@ -15,7 +15,6 @@ from dora_jax.data import synthetic
 from dora_jax.evaluation import track
 
 
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A work folder with one checkpoint of a freshly initialised tiny model (patch 8)."""

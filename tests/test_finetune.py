@@ -6,7 +6,6 @@ Ctrl-C exits 130 keeping its checkpoints, a work folder in a cloud bucket).
 The runs train a tiny exported ViT (dim 32, depth 2, 4-px patches) on 16-px views of a small
 image folder the test makes (three colour classes), for 12 steps of 8 images over 4 fake devices.
 """
-import contextlib
 import importlib.util
 import json
 import os
@@ -15,11 +14,8 @@ import signal
 import subprocess
 import sys
 import time
-from unittest import mock
 
 from absl import flags
-from etils.epath import gpath
-from etils.epath import testing as epath_testing
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -43,6 +39,7 @@ from dora_jax.trainer import checkpoints
 from dora_jax.trainer import metrics
 from dora_jax.trainer import runner
 from dora_jax.trainer import sharding
+import dora_runs
 from dora_runs import set_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -517,42 +514,7 @@ def test_ctrl_c_exits_130_and_keeps_an_intact_checkpoint(images, backbone, tmp_p
   assert step == max(steps) == int(state["step"])
 
 
-BUCKET = "gs://bucket"
-
-
-@contextlib.contextmanager
-def _fake_bucket(root):
-  """gs://bucket/... served from the local folder `root` by etils' mock of epath's backends, as
-  tests/test_paths.py does; local paths (images, backbone) pass through. Yields the bucket paths
-  opened."""
-  opened = []
-
-  def mapped(fn, path, *args, **kwargs):
-    text = os.fspath(path)
-    if "://" in text:
-      assert text == BUCKET or text.startswith(BUCKET + "/"), f"unexpected path {text}"
-      opened.append(text)
-      text = os.path.join(root, text[len(BUCKET) + 1:])
-    return fn(text, *args, **kwargs)
-
-  # With TensorFlow installed epath would pick tf.io.gfile for gs://, which the mock leaves.
-  with mock.patch.object(gpath, "_is_tf_installed", lambda: False), epath_testing.mock_epath(
-      open=mapped, exists=mapped, isdir=mapped, stat=mapped, makedirs=mapped, mkdir=mapped,
-      listdir=mapped, remove=mapped, glob=mapped, walk=mapped):
-    yield opened
-
-
-class _NoTensorBoard:
-  """TensorBoard's own gs:// writer needs google-cloud-storage: not what is tested here."""
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def add_scalar(self, *args, **kwargs):
-    del args, kwargs
-
-  def close(self):
-    pass
+BUCKET = dora_runs.BUCKET
 
 
 def test_work_folder_in_a_bucket(images, backbone, tmp_path, monkeypatch):
@@ -561,7 +523,7 @@ def test_work_folder_in_a_bucket(images, backbone, tmp_path, monkeypatch):
   command again resumes from the bucket and reports the same results."""
   root = tmp_path / "bucket"
   root.mkdir()
-  monkeypatch.setattr(metrics.tensorboardX, "SummaryWriter", _NoTensorBoard)
+  monkeypatch.setattr(metrics.tensorboardX, "SummaryWriter", dora_runs.NoTensorBoard)
   orbax_folders = []
   open_checkpointer = checkpoints.Checkpointer.__init__
 
@@ -572,7 +534,7 @@ def test_work_folder_in_a_bucket(images, backbone, tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoints.Checkpointer, "__init__", checkpointer_on_disk)
   config = _config(images, backbone, "linear")
   workdir = f"{BUCKET}/probe"
-  with _fake_bucket(str(root)) as opened:
+  with dora_runs.fake_bucket(str(root), local_paths=True) as opened:
     results = train.run(config, workdir)
     assert train.run(config, workdir) == results  # Resumed at the end: nothing left to train.
     monkeypatch.setattr(flags.FLAGS["workdir"], "value", workdir)

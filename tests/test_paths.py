@@ -4,18 +4,15 @@ A fake bucket `gs://bucket/...` is served from a local folder by etils' own mock
 backends, so these tests exercise the non-local code paths (no `os.path` / `open` on a URL)
 without a network.
 """
-import contextlib
 import json
-import os
 import shutil
 
-from unittest import mock
 
-from etils.epath import gpath
-from etils.epath import testing as epath_testing
 import ml_collections
 import numpy as np
 import pytest
+
+import dora_runs
 
 from dora_jax import config_base
 from dora_jax.data import manifest as manifest_lib
@@ -28,29 +25,8 @@ from dora_jax.trainer import metrics
 from dora_jax.trainer import pictures
 from dora_jax.trainer import preflight
 
-BUCKET = "gs://bucket"
-
-
-@contextlib.contextmanager
-def fake_bucket(root):
-  """Serves gs://bucket/... from the local folder `root`; any other path is refused."""
-  opened = []
-
-  def local(path):
-    text = os.fspath(path)
-    assert text.startswith(BUCKET + "/") or text == BUCKET, f"unexpected path {text}"
-    return os.path.join(root, text[len(BUCKET) + 1:])
-
-  def mapped(fn, path, *args, **kwargs):
-    opened.append(os.fspath(path))
-    return fn(local(path), *args, **kwargs)
-
-  # With TensorFlow installed (the test extra has it) epath would pick tf.io.gfile for gs://,
-  # which the mock does not replace.
-  with mock.patch.object(gpath, "_is_tf_installed", lambda: False), epath_testing.mock_epath(
-      open=mapped, exists=mapped, isdir=mapped, stat=mapped, makedirs=mapped, mkdir=mapped,
-      listdir=mapped, remove=mapped):
-    yield opened
+BUCKET = dora_runs.BUCKET
+fake_bucket = dora_runs.fake_bucket
 
 
 def test_paths_on_a_url_go_through_epath(tmp_path):
@@ -71,7 +47,7 @@ def test_paths_on_a_url_go_through_epath(tmp_path):
 
 def test_metrics_config_and_pictures_in_a_bucket(tmp_path, monkeypatch):
   # TensorBoard's own gs:// writer needs google-cloud-storage: not what is tested here.
-  monkeypatch.setattr(metrics.tensorboardX, "SummaryWriter", _NoTensorBoard)
+  monkeypatch.setattr(metrics.tensorboardX, "SummaryWriter", dora_runs.NoTensorBoard)
   workdir = paths.join(BUCKET, "runs", "one")
   with fake_bucket(str(tmp_path)):
     paths.makedirs(workdir)
@@ -99,18 +75,6 @@ def test_metrics_config_and_pictures_in_a_bucket(tmp_path, monkeypatch):
   local = tmp_path / "runs" / "one"
   assert json.loads((local / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == 9.0
   assert (local / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-class _NoTensorBoard:
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def add_scalar(self, *args, **kwargs):
-    del args, kwargs
-
-  def close(self):
-    pass
 
 
 def test_clips_read_from_a_bucket_equal_the_local_ones(tmp_path):
