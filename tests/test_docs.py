@@ -1,4 +1,4 @@
-"""The docs name only files that exist, and cite no issue numbers.
+"""The docs name only files that exist, their links resolve, and they cite no issue numbers.
 
 Scans the Markdown pages (README.md, docs/*.md, BENCHMARKS.md, EXPERIMENTS.md) and the package's,
 configs', benchmarks', experiments' and launch scripts' sources (their docstrings and comments)
@@ -27,6 +27,9 @@ _PACKAGE_PATH = re.compile(
     r"(?<![\w./-])((?:models|data|trainer|evaluation|pretrained|finetune|cli|checkpoint)/\w+\.py)\b")
 # A placeholder in a path: configs/X.py, configs/NAME.py, configs/x.py.
 _PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z_]*|x)$")
+
+# A Markdown link's target: [text](target) or [text](target#anchor); web links are skipped below.
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)")
 
 # Issue-tracker references: "issue 9", "issue #9", "#17".
 _ISSUE = re.compile(r"\b[Ii]ssues? #?\d+|(?<![\w&/])#\d+\b")
@@ -105,3 +108,22 @@ def test_no_issue_numbers():
                   for m in _ISSUE.finditer(line)]
   assert not cited, ("docs state the present; the issue behind a number is git's history. "
                      "Say what the number stood for instead:\n" + "\n".join(cited))
+
+
+def test_markdown_links_resolve():
+  broken = []
+  for file in _files(PAGES):
+    with open(file, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        for target in _LINK.findall(line):
+          if "://" in target or target.startswith("mailto:"):
+            continue
+          if not os.path.exists(os.path.join(os.path.dirname(file), target)):
+            broken.append(f"{os.path.relpath(file, REPO)}:{number}: {target}")
+  assert not broken, ("these links point at files that do not exist (relative to the page):\n"
+                      + "\n".join(broken))
+
+
+def test_link_pattern_reads_targets_and_drops_anchors():
+  text = "[a](docs/DESIGN.md#5-where) and [b](../EXPERIMENTS.md), [c](https://x.org/y)"
+  assert _LINK.findall(text) == ["docs/DESIGN.md", "../EXPERIMENTS.md", "https://x.org/y"]
