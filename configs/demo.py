@@ -6,7 +6,7 @@ The first run generates the synthetic video (a camera panning over bundled photo
 balls, boxes and kites move and occlude each other) into WORKDIR/demo_data and converts it to
 shards. Then a 2-block ViT (width 64, 8 heads, 8-px patches) trains for 1000 steps on clips of 4
 frames of 64 px. Watch the loss on the progress bar, `object_overlap` in metrics.jsonl fall from
-~1 (the 2 discovered objects coincide) to ~0.45, and the pictures WORKDIR/pictures/step_*.png,
+~1 (the 2 discovered objects coincide) to ~0.5, and the pictures WORKDIR/pictures/step_*.png,
 where the heat maps of the discovered objects follow them over the frames. Everything is written
 to WORKDIR: metrics.jsonl, tensorboard/, checkpoints/ and pictures/. Run the same command again
 to resume.
@@ -14,7 +14,7 @@ to resume.
 The objects are distinct only when the teacher's heads attend to different things; a tiny ViT's
 [CLS] attention stays nearly uniform unless it takes large steps, so the settings below favour
 few blocks, many heads and a large learning rate. The comments say why each value is what it
-is; README "The demo run" has the measurements.
+is; README "The demo" says what to expect and how to read the pictures.
 """
 import ml_collections
 

@@ -4,7 +4,7 @@
               (one-line `ConfigError`s, before anything is written or compiled); the clip plan
               and the run length.
   mesh        the ('data', 'fsdp') mesh, the state's shapes (`jax.eval_shape`), its shardings.
-  update      the train step of `train_step.py`, jitted with those shardings, state donated.
+  update      the train step of `step.py`, jitted with those shardings, state donated.
   checkpoint  restore the newest intact checkpoint of the work folder (state + data position; a
               damaged newer one is reported and set aside) or initialise.
   input       the grain iterator of this host's batches, at the restored position.
