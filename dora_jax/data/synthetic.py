@@ -130,13 +130,14 @@ def _bounce(start: np.ndarray, velocity: np.ndarray, t: float, low: np.ndarray,
 
 
 def add_video_stream(container: Any, *, width: int, height: int, fps: float, crf: int,
-                     gop: int | None) -> Any:
+                     gop: int | None, preset: str | None = None) -> Any:
   """The H.264 stream (yuv420p) of a tour, on an `av` container opened for writing.
 
   The same arguments give the same bytes (and so the same training data) in every run: one
   encoder thread, and libx264 without its assembly (with it, even one thread gave other bytes
   from process to process, through the macroblock-tree rate control; the C code costs ~4 s of
-  CPU for the demo's 300 frames). `crf`: quality; `gop`: keyframe interval (None: 250).
+  CPU for the demo's 300 frames). `crf`: quality; `gop`: keyframe interval (None: 250);
+  `preset`: libx264's speed preset (None: its default, medium).
   """
   codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
   stream = container.add_stream(codec, rate=int(round(fps)) if float(fps).is_integer() else fps)
@@ -146,6 +147,8 @@ def add_video_stream(container: Any, *, width: int, height: int, fps: float, crf
     stream.options = {"crf": str(crf), "x264-params": "asm=0"}
     if gop is not None:
       stream.options["g"] = str(gop)
+    if preset is not None:
+      stream.options["preset"] = preset
   return stream
 
 
