@@ -203,9 +203,10 @@ def run_controls(runner: Runner, args: argparse.Namespace, out: str, data: str,
     untrained = untrained_encoder(runner, out, shards, args.steps, seed)
     positive = os.path.join(out, "runs", f"positive_s{seed}")
     pretrain(runner, positive, "dino", positive_shards, args.steps, seed)
-    for name, encoder in (("untrained", untrained), ("positive", positive)):
-      evaluation = os.path.join(out, "eval", f"{'random' if name == 'untrained' else name}"
-                                f"_s{seed}")
+    # The untrained ViT's evaluations are the random arm's (the same folders: run once).
+    for name, encoder, folder in (("untrained", untrained, "random"),
+                                  ("positive", positive, "positive")):
+      evaluation = os.path.join(out, "eval", f"{folder}_s{seed}")
       knn_top1, probe_top1 = knn_and_probe(runner, encoder, os.path.join(data, "views"),
                                            os.path.join(evaluation, "knn"))
       rows.append({"control": name, "seed": seed, "knn_top1": knn_top1,
