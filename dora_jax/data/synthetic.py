@@ -36,8 +36,9 @@ CLASS_NAMES = ("ball", "box", "kite", "star", "ring", "cross")
 _PANORAMA_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "coins")
 
 
-def _panorama(height: int) -> Image.Image:
-  """Bundled scikit-image photos side by side, each resized to `height` rows."""
+def _panorama(height: int) -> tuple[Image.Image, np.ndarray]:
+  """Bundled scikit-image photos (_PANORAMA_IMAGES) side by side, each resized to `height` rows;
+  and the column where each photo starts (len(_PANORAMA_IMAGES),)."""
   from skimage import data as skdata  # pylint: disable=g-import-not-at-top
 
   tiles = []
@@ -49,11 +50,10 @@ def _panorama(height: int) -> Image.Image:
     tiles.append(tile.resize((max(1, round(tile.width * height / tile.height)), height),
                              Image.BILINEAR))
   panorama = Image.new("RGB", (sum(t.width for t in tiles), height))
-  x = 0
-  for tile in tiles:
-    panorama.paste(tile, (x, 0))
-    x += tile.width
-  return panorama
+  starts = np.cumsum([0] + [t.width for t in tiles[:-1]])
+  for tile, x in zip(tiles, starts):
+    panorama.paste(tile, (int(x), 0))
+  return panorama, starts
 
 
 def _texture(class_id: int, size: int) -> np.ndarray:
@@ -101,15 +101,24 @@ def _silhouette(class_id: int, size: int) -> Image.Image:
   return alpha
 
 
-def _sprite(class_id: int, size: int, rng: np.random.Generator) -> Image.Image:
-  """An RGBA object of class `class_id`, `size` px square: the class's shape and texture in two
-  colours drawn from `rng`."""
-  colours = rng.integers(30, 226, size=(2, 3))
+def object_sprite(class_id: int, size: int, colours: np.ndarray) -> Image.Image:
+  """An RGBA object of class `class_id`, `size` px square: the class's shape and texture in the
+  two RGB `colours` (2, 3) (alpha 255 inside the shape, 0 outside)."""
   pattern = _texture(class_id, size)
   rgb = np.where(pattern[..., None] == 1, colours[0], colours[1]).astype(np.uint8)
   sprite = Image.fromarray(rgb).convert("RGBA")
   sprite.putalpha(_silhouette(class_id, size))
   return sprite
+
+
+def random_colours(rng: np.random.Generator) -> np.ndarray:
+  """An object's two colours (2, 3), as every generator here draws them."""
+  return rng.integers(30, 226, size=(2, 3))
+
+
+def _sprite(class_id: int, size: int, rng: np.random.Generator) -> Image.Image:
+  """An RGBA object of class `class_id`, `size` px square, in two colours drawn from `rng`."""
+  return object_sprite(class_id, size, random_colours(rng))
 
 
 def _bounce(start: np.ndarray, velocity: np.ndarray, t: float, low: np.ndarray,
@@ -118,6 +127,29 @@ def _bounce(start: np.ndarray, velocity: np.ndarray, t: float, low: np.ndarray,
   span = np.maximum(high - low, 1e-6)
   u = np.mod(start - low + velocity * t, 2 * span)
   return low + np.where(u > span, 2 * span - u, u)
+
+
+def add_video_stream(container: Any, *, width: int, height: int, fps: float, crf: int,
+                     gop: int | None, preset: str | None = None) -> Any:
+  """The H.264 stream (yuv420p) of a tour, on an `av` container opened for writing.
+
+  The same arguments give the same bytes (and so the same training data) in every run: one
+  encoder thread, and libx264 without its assembly (with it, even one thread gave other bytes
+  from process to process, through the macroblock-tree rate control; the C code costs ~4 s of
+  CPU for the demo's 300 frames). `crf`: quality; `gop`: keyframe interval (None: 250);
+  `preset`: libx264's speed preset (None: its default, medium).
+  """
+  codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+  stream = container.add_stream(codec, rate=int(round(fps)) if float(fps).is_integer() else fps)
+  stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+  stream.codec_context.thread_count = 1
+  if codec == "libx264":
+    stream.options = {"crf": str(crf), "x264-params": "asm=0"}
+    if gop is not None:
+      stream.options["g"] = str(gop)
+    if preset is not None:
+      stream.options["preset"] = preset
+  return stream
 
 
 def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 320,
@@ -148,7 +180,7 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
     raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
   rng = np.random.default_rng(seed)
   pano_height = int(round(height * 1.6))
-  panorama = _panorama(pano_height)
+  panorama, _ = _panorama(pano_height)
   aspect = width / height
 
   # Camera: a view window of height pano_height * zoom, centred at (cx, cy), sweeping left to right.
@@ -181,18 +213,7 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
   masks = np.zeros((num_frames, height, width), np.uint8)
   container = av.open(path_mp4 + ".tmp.mp4", mode="w")
   try:
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    stream = container.add_stream(codec, rate=int(round(fps)) if float(fps).is_integer() else fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    # The same arguments give the same bytes (and so the same training data) in every run: one
-    # encoder thread, and libx264 without its assembly (with it, even one thread gave other bytes
-    # from process to process, through the macroblock-tree rate control; the C code costs ~4 s
-    # of CPU for the demo's 300 frames).
-    stream.codec_context.thread_count = 1
-    if codec == "libx264":
-      stream.options = {"crf": str(crf), "x264-params": "asm=0"}
-      if gop is not None:
-        stream.options["g"] = str(gop)
+    stream = add_video_stream(container, width=width, height=height, fps=fps, crf=crf, gop=gop)
     for f in range(num_frames):
       if blank[f]:
         image = Image.new("RGB", (width, height), (16, 16, 16))
@@ -246,13 +267,15 @@ def render_object_views(*, num_classes: int, instances_per_class: int, views_per
 
   Returns:
     images uint8 (V, size, size, 3), labels int64 (V,) (kind index into CLASS_NAMES),
-    instances int64 (V,) (instance index within this call), class_names (num_classes,).
+    instances int64 (V,) (instance index within this call), class_names (num_classes,),
+    backgrounds int64 (V,) (the photo behind the object: the one under the window's centre, an
+    index into background_names), background_names (the panorama's photos, left to right).
   """
   if not 1 <= num_classes <= len(CLASS_NAMES):
     raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
   rng = np.random.default_rng(seed)
-  panorama = _panorama(max(2 * size, 180))
-  images, labels, instances = [], [], []
+  panorama, starts = _panorama(max(2 * size, 180))
+  images, labels, instances, backgrounds = [], [], [], []
   for class_id in range(num_classes):
     for _ in range(instances_per_class):
       sprite = _sprite(class_id, 2 * size, rng)
@@ -271,9 +294,12 @@ def render_object_views(*, num_classes: int, instances_per_class: int, views_per
         images.append(np.asarray(image))
         labels.append(class_id)
         instances.append(len(instances) // views_per_instance)
+        backgrounds.append(np.searchsorted(starts, x0 + window / 2, side="right") - 1)
   return {"images": np.stack(images), "labels": np.array(labels, np.int64),
           "instances": np.array(instances, np.int64),
-          "class_names": np.array(CLASS_NAMES[:num_classes])}
+          "class_names": np.array(CLASS_NAMES[:num_classes]),
+          "backgrounds": np.array(backgrounds, np.int64),
+          "background_names": np.array(_PANORAMA_IMAGES)}
 
 
 def masks_path_for(path_mp4: str) -> str:
