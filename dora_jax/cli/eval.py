@@ -83,7 +83,8 @@ def evaluate(args: argparse.Namespace) -> str:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-  """The parser; with `command`, only that evaluator's module is imported (for its flags)."""
+  """The parser; with `command`, only that evaluator's module is imported (for its flags), and
+  with "" none (`dora-eval --help`, a mistyped command: no jax to import)."""
   base = config_base.get_base_config()
   parser = argparse.ArgumentParser(
       prog="dora-eval", description="Evaluate the teacher of a dora-train run.")
@@ -105,7 +106,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  command = argv[0] if argv and argv[0] in registry.TYPES else None
+  command = argv[0] if argv and argv[0] in registry.TYPES else ""
   args = build_parser(command).parse_args(argv)
   module = registry.module(args.command)
   try:
