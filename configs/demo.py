@@ -19,6 +19,7 @@ is; README "The demo" says what to expect and how to read the pictures.
 import ml_collections
 
 from dora_jax import config_base
+from dora_jax.evaluation import registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -67,4 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.log_every_steps = 10
   c.picture_every_steps = 250  # Steps 250, 500, 750 and 1000.
+  # The tracking IoU on the run's own tour (WORKDIR/demo_data), off: turn it on with
+  # --config.evals.track.every_steps=250 (the IoU of the tracked objects with the true ones).
+  c.evals.track = registry.config("track", data="demo")
   return c

@@ -17,8 +17,14 @@ configs/dora_vits16_wtours.py, with the same arguments (variant=, data=, videos=
 import ml_collections
 
 from dora_jax import config_base
+from dora_jax.evaluation import registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return config_base.dino_baseline(
-      config_base.apply_wtours_args(config_base.get_base_config(), arg))
+  c = config_base.dino_baseline(config_base.apply_wtours_args(config_base.get_base_config(), arg))
+  # The evaluations during pretraining (dora_jax/evaluation/registry.py), each off until given
+  # data and a cadence, e.g. --config.evals.davis.data=/data/DAVIS
+  # --config.evals.davis.every_steps=5000 (their keys are `dora-eval TYPE`'s flags).
+  for type_name in registry.TYPES:
+    c.evals[type_name] = registry.config(type_name)
+  return c

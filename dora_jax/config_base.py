@@ -97,28 +97,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.prefetch_buffer_size = 2  # Batches each worker prepares ahead.
   c.data.num_threads = 2  # Threads per data process (main or worker) making clips in parallel.
 
-  # ---- Evaluators during pretraining (k-NN, tracking IoU, seg mIoU), logged like the train metrics. ----
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0  # Run the evaluators every n train steps and at the last step (0: never).
-  c.eval.batch_size = 128  # Images per forward pass over this host's devices.
-  c.eval.knn_train = ""  # k-NN memory bank: an image folder (ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT; "": no k-NN.
-  c.eval.knn_val = ""  # Images the k-NN classifies (the same classes), same forms.
-  c.eval.tfds_data_dir = ""  # data_dir of tfds sources ("": tfds's default).
-  c.eval.knn_k = 20  # Neighbours that vote (DINO: 20).
-  c.eval.knn_temperature = 0.07  # Vote weight exp(cosine / temperature) (DINO: 0.07).
-  c.eval.knn_resize_size = 256  # k-NN images: shorter side after the resize (DINO: 256)...
-  c.eval.knn_crop_size = 224  # ...then this centre crop (DINO: 224).
-  c.eval.track_data = ""  # Synthetic tour (.mp4 beside .masks.npz, or its folder); "demo": the run's own; "": none.
-  c.eval.track_clips = 16  # Clips anchored evenly over the tour.
-  c.eval.track_frames_per_clip = 0  # Frames per clip (0: data.frames_per_clip).
-  c.eval.track_frame_stride = 0  # Tour frames between a clip's frames (0: data.frame_stride).
-  c.eval.track_short_side = 0  # Shorter side of the frames the teacher sees (0: data.global_size).
-  c.eval.seg_data = ""  # Linear segmentation readout (seg_miou): an ADE20K-layout folder (images/, annotations/); "": none.
-  c.eval.seg_num_classes = 0  # Its classes 1..C (0: the folder's class_names.txt / objectInfo150.txt, else 150).
-  c.eval.seg_iterations = 300  # Readout training steps per evaluation (dora-eval seg: 40000).
-  c.eval.seg_batch_size = 16  # Training crops per step (DINOv2: 16).
-  c.eval.seg_image_size = 0  # Crop side and evaluation resolution (0: data.global_size).
-  c.eval.seg_blocks = 1  # Patch tokens of the last n blocks, concatenated (DINOv2: 1, or 4).
+  # ---- Evaluations during pretraining: the registry of dora_jax/evaluation/registry.py. ----
+  # evals.NAME = an evaluator: `type` (knn, seg, davis, discover, track; NAME when absent),
+  # `every_steps` (0: off; on: also the last step) and its settings, named as `dora-eval TYPE`'s
+  # flags (their defaults in its module); logged as NAME/KEY. configs/ add them with
+  # `registry.config(TYPE, ...)`, which holds every key so --config.evals.NAME.KEY can set any.
+  c.evals = ml_collections.ConfigDict()  # None by default.
 
   # ---- Mesh and parallelism. ----
   c.mesh = ml_collections.ConfigDict()
@@ -133,6 +117,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
   c.compilation_cache_dir = ""  # Compiled-step cache: "" $JAX_COMPILATION_CACHE_DIR or WORKDIR/jax_cache, "none" off, or a folder.
   return c
+
+
+def replaced_key(dotted: str) -> str | None:
+  """The key that replaced a removed one (`eval.knn_train` -> `evals.knn.train`), else None."""
+  if dotted != "eval" and not dotted.startswith("eval."):
+    return None
+  key = dotted[len("eval."):]
+  for type_name in ("knn", "track", "seg"):
+    if key.startswith(type_name + "_"):
+      return f"evals.{type_name}.{key[len(type_name) + 1:]}"
+  return "evals.NAME" + (f".{key}" if key else "")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -37,9 +37,10 @@ TINY = {
     "checkpoint_every_steps": 8,
     "picture_every_steps": 16,
     "optim.warmup_epochs": 1,
-    # The tracking IoU every 8 steps on the run's own tour (eval.track_data set in _tiny).
-    "eval.every_steps": 8,
-    "eval.track_clips": 2,
+    # The tracking IoU every 8 steps on the tour beside the shards (evals.track.data: see
+    # tiny_overrides).
+    "evals.track.every_steps": 8,
+    "evals.track.clips": 2,
 }
 
 
@@ -60,7 +61,7 @@ def set_key(config, dotted, value):
 
 def tiny_overrides(data_dir, overrides):
   """TINY + data.dir + overrides (keyword names may spell '.' as '__')."""
-  return {**TINY, "data.dir": data_dir, "eval.track_data": os.path.dirname(data_dir),
+  return {**TINY, "data.dir": data_dir, "evals.track.data": os.path.dirname(data_dir),
           **{key.replace("__", "."): value for key, value in overrides.items()}}
 
 

@@ -176,3 +176,21 @@ def test_unexpected_failure_is_one_line_with_the_traceback_in_the_log(tmp_path, 
   err = capsys.readouterr().err
   assert err.startswith("Traceback") and "in _raise_deep" in err
   assert err.splitlines()[-1] == "dora-train: error: MemoryError: out of host memory while decoding"
+
+
+def test_an_old_eval_key_names_the_new_one(config_file, env, tmp_path):
+  """The flat `eval.*` keys became `evals.NAME.*` (the registry): an override or a config file
+  that still sets one is an error naming its replacement."""
+  returncode, stderr = _run(["--config", DEMO_CONFIG, "--workdir", str(tmp_path / "run"),
+                             "--config.eval.knn_train=/data/train"], env)
+  assert returncode == 2 and _errors(stderr) == [
+      "dora-train: error: --config.eval.knn_train: config key eval.knn_train was replaced by "
+      "evals.knn.train; see dora_jax/config_base.py for the keys."], stderr[-2000:]
+  path = config_file("from dora_jax import config_base\n\n\ndef get_config(arg=None):\n"
+                     "  c = config_base.get_base_config()\n  c.eval.seg_data = '/ade'\n"
+                     "  return c\n")
+  returncode, stderr = _run(["--config", path, "--workdir", str(tmp_path / "run")], env)
+  assert returncode == 2 and _errors(stderr) == [
+      f"dora-train: error: {path} line 6: config key eval.seg_data was replaced by "
+      "evals.seg.data; see dora_jax/config_base.py for the keys."], stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run")

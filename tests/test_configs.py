@@ -9,6 +9,7 @@ from ml_collections import config_flags
 import pytest
 
 from dora_jax import config_base
+from dora_jax.evaluation import registry
 from dora_jax.trainer import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +44,36 @@ def test_every_base_key_has_a_comment():
     assert line and "#" in line.group(0), f"base key {key} has no one-line comment"
 
 
+def test_every_evaluator_key_has_a_comment():
+  """config.evals.NAME's keys are the evaluator module's DEFAULTS, commented there."""
+  for type_name in registry.TYPES:
+    module = registry.module(type_name)
+    source = open(module.__file__).read()
+    source = source[source.index("\nDEFAULTS = {"):]
+    source = source[:source.index("\n}")]
+    for key in module.DEFAULTS:
+      line = re.search(rf'^\s*"{re.escape(key)}": .*$', source, re.MULTILINE)
+      assert line and "#" in line.group(0), f"{type_name} key {key} has no one-line comment"
+
+
+def _evaluator_keys(config):
+  """The config.evals keys that are the registry's or their evaluator's (DEFAULTS)."""
+  keys = set()
+  for name, section in config.evals.items():
+    known = {"type", "every_steps"} | set(
+        registry.module(section.get("type", name)).DEFAULTS)
+    keys |= {f"evals.{name}.{key}" for key in section if key in known}
+  return keys
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_configs_use_only_base_keys_and_have_run_length_keys(path):
   module = _load(path)
   config = module.get_config()
   assert "dora-train --config " + path in module.__doc__  # The exact command is documented.
   assert "total_steps" in config and "checkpoint_every_steps" in config
-  unknown = _flat_keys(config) - _flat_keys(config_base.get_base_config()) - MODEL_OVERRIDES
+  unknown = (_flat_keys(config) - _flat_keys(config_base.get_base_config()) - MODEL_OVERRIDES
+             - _evaluator_keys(config))
   assert not unknown, f"{path} sets keys that the base config does not comment: {unknown}"
 
 

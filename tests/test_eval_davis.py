@@ -1,5 +1,4 @@
 """DAVIS: J and F on hand-computed cases, label propagation against a NumPy loop, end to end."""
-import json
 import os
 
 import av
@@ -185,8 +184,9 @@ def test_end_to_end_on_a_davis_layout_of_the_synthetic_tour(tmp_path):
   settings = davis.PropagationSettings(short_side=32, n_last_frames=2)
   report = davis.evaluate_davis(model, str(root), str(out), settings=settings, batch_size=2,
                                 progress=False)
-  assert set(os.listdir(out)) == {"tour-a", "tour-b", "pictures", "davis_metrics.json"}
-  assert json.loads((out / "davis_metrics.json").read_text()) == report
+  # The masks and pictures; the report is dora-eval's to write (cli/eval.py).
+  assert set(os.listdir(out)) == {"tour-a", "tour-b", "pictures"}
+  assert report["num_objects"] > 0 and set(report["sequences"]) == {"tour-a", "tour-b"}
   for name in ("tour-a", "tour-b"):
     written = sorted(os.listdir(out / name))
     assert written == [f"{i:05d}.png" for i in range(5)]

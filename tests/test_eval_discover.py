@@ -205,7 +205,7 @@ def test_discover_end_to_end(voc_root, checkpoint, tmp_path, capsys):
   code, stdout, _ = _main(["discover", "--checkpoint", checkpoint, "--data", str(voc_root),
                            "--batch-size", "2", "--out", str(out)], capsys)
   assert code == 0 and stdout.startswith("LOST CorLoc ")
-  report = json.loads((out / eval_main.DISCOVER_REPORT).read_text())
+  report = json.loads((out / discover.REPORT_FILE).read_text())
   assert report["num_images"] == 3 and sorted(report["boxes"]) == sorted(IMAGES)
   hits = 0
   for image_id, (height, width, truth) in IMAGES.items():
@@ -231,7 +231,7 @@ def test_discover_end_to_end(voc_root, checkpoint, tmp_path, capsys):
   code, _, _ = _main(["discover", "--checkpoint", checkpoint, "--data", str(voc_root),
                       "--short-side", "16", "--out", str(out16)], capsys)
   assert code == 0
-  report = json.loads((out16 / eval_main.DISCOVER_REPORT).read_text())
+  report = json.loads((out16 / discover.REPORT_FILE).read_text())
   for image_id, (height, width, _) in IMAGES.items():
     xmin, ymin, xmax, ymax = report["boxes"][image_id]
     assert 1 <= xmin <= xmax <= width and 1 <= ymin <= ymax <= height

@@ -12,6 +12,7 @@ from dora_jax.cli import eval as eval_main
 from dora_jax import config_base
 from dora_jax.data import synthetic
 from dora_jax.evaluation import davis
+from dora_jax.evaluation import knn
 from dora_jax.evaluation import track
 from dora_jax import objects
 from dora_jax.trainer import checkpoints
@@ -71,7 +72,7 @@ def test_knn(run_dir, data, tmp_path, capsys):
                            "--val", str(data / "val"), "--k", "2", "--resize-size", "20",
                            "--crop-size", "16", "--out", str(out)], capsys)
   assert code == 0
-  report = json.loads((out / eval_main.KNN_REPORT).read_text())
+  report = json.loads((out / knn.REPORT_FILE).read_text())
   assert (report["num_train"], report["num_val"], report["num_classes"], report["k"]) == (9, 6, 3, 2)
   assert report["top1"] == 100.0  # Flat colours: told apart even by a random ViT.
   assert stdout.startswith("k-NN (k=2, T=0.07): top-1 100.00%")
@@ -85,7 +86,7 @@ def test_track_uses_the_checkpoints_teacher(saved_run, data, tmp_path, capsys):
   code, stdout, _ = _main(["track", "--checkpoint", run_dir, "--data", str(data / "tour"),
                            "--out", str(out)] + args, capsys)
   assert code == 0
-  report = json.loads((out / eval_main.TRACK_REPORT).read_text())
+  report = json.loads((out / track.REPORT_FILE).read_text())
   settings = track.TrackSettings(num_clips=2, frames_per_clip=2, frame_stride=3, short_side=16,
                                  size_multiple=8, dora=objects.DoraOptions(num_objects=2), seed=0)
   expected = track.evaluate_tracking(teacher, str(data / "tour" / "walking_tour.mp4"), settings)
@@ -98,21 +99,22 @@ def test_track_uses_the_checkpoints_teacher(saved_run, data, tmp_path, capsys):
 
 
 def test_flags_that_a_training_config_has_default_to_config_bases(monkeypatch):
-  """The track and k-NN flags read config_base's defaults when the parser is built."""
+  """The track flags that a training config also has read config_base's defaults when the parser
+  is built; the k-NN's are DINO's (knn.DEFAULTS)."""
   changed = config_base.get_base_config()
   changed.dora.update(num_objects=5, sinkhorn_iters=7, sinkhorn_epsilon=0.5,
                       mask_threshold="batch_mean")
-  changed.eval.update(track_clips=9, knn_k=11, knn_temperature=0.5)
   changed.seed = 4
   monkeypatch.setattr(config_base, "get_base_config", lambda: changed)
   parser = eval_main.build_parser()
   track_args = parser.parse_args(["track", "--checkpoint", "c", "--data", "d", "--out", "o"])
   assert (track_args.num_objects, track_args.sinkhorn_iters, track_args.sinkhorn_epsilon,
           track_args.mask_threshold, track_args.clips, track_args.seed) == (
-              5, 7, 0.5, "batch_mean", 9, 4)
+              5, 7, 0.5, "batch_mean", track.DEFAULTS["clips"], 4)
   knn_args = parser.parse_args(["knn", "--checkpoint", "c", "--train", "t", "--val", "v",
                                 "--out", "o"])
-  assert (knn_args.k, knn_args.temperature) == (11, 0.5)
+  assert (knn_args.k, knn_args.temperature) == (20, 0.07) == (knn.DEFAULTS["k"],
+                                                              knn.DEFAULTS["temperature"])
 
 
 def test_davis(saved_run, data, tmp_path, capsys):

@@ -140,8 +140,8 @@ def test_run_logs_and_draws(straight_run):
            "kl", "masked_area", "step_time", "frames_per_second"}
   assert names <= set(rows[-1])
   assert all(np.isfinite(row["loss"]) for row in rows)
-  # The evaluators ran inside the loop, every eval.every_steps, in the step's record.
-  evaluated = {row["step"]: row["track_iou"] for row in rows if "track_iou" in row}
+  # The evaluators ran inside the loop, every evals.track.every_steps, in the step's record.
+  evaluated = {row["step"]: row["track/track_iou"] for row in rows if "track/track_iou" in row}
   assert sorted(evaluated) == [8, 16] and all(0 <= v <= 1 for v in evaluated.values())
   assert min(row["teacher_entropy"] for row in rows) > 0.1  # Not collapsed to one prototype.
   assert all(0 < row["masked_area"] < 1 for row in rows)
@@ -208,7 +208,8 @@ def test_an_extended_run_loads_its_train_step_from_the_cache(data_dir, env, stra
   # jax then logs at WARNING each persistent-cache hit and each miss.
   logged = dict(env, JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
   stderr = run_to_end(["--config", DEMO_CONFIG, "--workdir", workdir] + demo_flags(
-      data_dir, **RUN, total_steps=total, eval__every_steps=0, picture_every_steps=0), logged)
+      data_dir, **RUN, total_steps=total, evals__track__every_steps=0,
+      picture_every_steps=0), logged)
   assert "Persistent compilation cache hit for 'jit_step'" in stderr, stderr[-3000:]
   assert "CACHE MISS for 'jit_step'" not in stderr
   assert metrics.read_metrics(workdir)[-1]["step"] == total

@@ -19,6 +19,7 @@ the warnings and errors logged before them, to WORKDIR/dora-train.log; --verbose
 DORA_DEBUG=1) prints the traceback instead. The flags, errors and exit codes are
 `dora_jax.trainer.runner`'s, which dora-finetune shares.
 """
+from dora_jax import config_base
 from dora_jax.trainer import runner
 
 
@@ -30,7 +31,7 @@ def _train(config, workdir: str) -> dict[str, float]:
 
 
 PROGRAM = runner.Program(name="dora-train", config_keys_file="dora_jax/config_base.py",
-                         run=_train)
+                         run=_train, replaced_key=config_base.replaced_key)
 
 
 def main() -> None:

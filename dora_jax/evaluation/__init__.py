@@ -1,4 +1,8 @@
-"""Evaluations of a trained encoder, as DINO and DoRA users run them (`dora-eval`).
+"""Evaluations of a trained encoder, as DINO and DoRA users run them (`dora-eval`, and
+`config.evals` during pretraining).
+
+  registry       The evaluations by kind: TYPE -> its module (knn, seg, davis, discover, track),
+                 each owning its settings, its run on a backbone, its report and its summary.
 
   knn            DINO's weighted k-NN classifier on [CLS] features (`knn_classifier`,
                  `evaluate_knn`).
@@ -15,7 +19,7 @@
   discover       LOST object discovery and its CorLoc (`lost`, `corloc`, `evaluate_discovery`).
   voc            PASCAL VOC detection folders and box conventions (`list_images`).
   probe          A linear probe (logistic regression) on frozen features (`linear_probe`).
-  periodic       The evaluators during pretraining (`PeriodicEvaluator`; keys in config_base.py).
+  periodic       The evaluations during pretraining (`PeriodicEvaluator` of `config.evals`).
 
 The public functions are also reachable here (`from dora_jax.evaluation import evaluate_seg`);
 they load their module on first use, so importing the package stays cheap for command lines that

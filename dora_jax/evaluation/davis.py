@@ -21,17 +21,18 @@ means over the frames per object, then over all objects of all sequences; J&F th
 
 Layout read: ROOT/JPEGImages/480p/SEQ/*.jpg, ROOT/Annotations/480p/SEQ/*.png (palette PNGs),
 ROOT/ImageSets/2017/val.txt. Written: OUT/SEQ/NNNNN.png for every frame (palette of the first
-annotation; frame 0 is its ground truth), OUT/pictures/SEQ.png, OUT/davis_metrics.json.
+annotation; frame 0 is its ground truth) and OUT/pictures/SEQ.png; `dora-eval davis` writes the
+report beside them (OUT/davis_metrics.json). During pretraining nothing is written.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
-import json
 import math
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,6 +41,7 @@ import tqdm
 
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import propagation
+from dora_jax.evaluation import registry
 
 METRICS_FILE = "davis_metrics.json"
 PICTURES_DIR = "pictures"
@@ -324,14 +326,8 @@ def _mean(values: list[float]) -> float | None:
   return float(np.mean(values)) if values else None
 
 
-def _write_json(path: str, content: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def evaluate_davis(backbone, root: str, out_dir: str, *, sequences: Sequence[str] | None = None,
+def evaluate_davis(backbone, root: str, out_dir: str | None, *,
+                   sequences: Sequence[str] | None = None,
                    split: str = "val", settings: PropagationSettings = PropagationSettings(),
                    batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
   """Segments the DAVIS sequences by label propagation, writes the masks and the J&F metrics.
@@ -339,22 +335,23 @@ def evaluate_davis(backbone, root: str, out_dir: str, *, sequences: Sequence[str
   Args:
     backbone: the encoder (see `features.Encoder`; its "tokens" output is used).
     root: the DAVIS-2017 folder.
-    out_dir: where OUT/SEQ/*.png, OUT/pictures/SEQ.png and OUT/davis_metrics.json go. A sequence's
-      masks are written to a temporary folder and renamed when complete; the JSON comes last.
+    out_dir: where OUT/SEQ/*.png and OUT/pictures/SEQ.png go (None: nothing is written). A
+      sequence's masks are written to a temporary folder and renamed when complete.
     sequences: sequence names (default: those of ImageSets/2017/{split}.txt).
     settings: `PropagationSettings` (DINO's defaults).
     batch_size: frames per forward pass.
     progress: a tqdm bar over the sequences.
 
   Returns:
-    The content of davis_metrics.json: "J&F", "J", "F" (means over all objects, 0-1; None
+    The report (dora-eval's davis_metrics.json): "J&F", "J", "F" (means over all objects, 0-1; None
     when no sequence has ground truth beyond its first frame), "sequences": {name: {"J&F", "J",
     "F", "objects": {id: {"J", "F"}}}}, "settings".
   """
   found = list_sequences(root, sequences, split=split)
   encoder = (backbone if isinstance(backbone, features_lib.Encoder)
              else features_lib.Encoder(backbone, ("tokens",)))
-  os.makedirs(os.path.join(out_dir, PICTURES_DIR), exist_ok=True)
+  if out_dir is not None:
+    os.makedirs(os.path.join(out_dir, PICTURES_DIR), exist_ok=True)
   per_sequence, all_j, all_f = {}, [], []
   for sequence in tqdm.tqdm(found, unit="seq", disable=not progress, dynamic_ncols=True):
     frames = [_read_rgb(path) for path in sequence.frames]
@@ -365,20 +362,8 @@ def evaluate_davis(backbone, root: str, out_dir: str, *, sequences: Sequence[str
       raise DavisError(f"{sequence.annotations[0]} is {first_labels.shape}, its frame "
                        f"{frames[0].shape[:2]}.")
     labels = segment_sequence(encoder, frames, first_labels, settings, batch_size=batch_size)
-
-    final = os.path.join(out_dir, sequence.name)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for path, frame_labels in zip(sequence.frames, labels):
-      name = os.path.splitext(os.path.basename(path))[0] + ".png"
-      write_indexed_png(os.path.join(tmp, name), frame_labels, palette)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    picture = overlay_picture(frames, labels, palette)
-    picture_path = os.path.join(out_dir, PICTURES_DIR, f"{sequence.name}.png")
-    Image.fromarray(picture).save(picture_path + ".tmp.png")
-    os.replace(picture_path + ".tmp.png", picture_path)
+    if out_dir is not None:
+      _write_sequence(out_dir, sequence, frames, labels, palette)
 
     if len(frames) < 3 or any(path is None for path in sequence.annotations):
       per_sequence[sequence.name] = {"J&F": None, "J": None, "F": None, "objects": {},
@@ -405,5 +390,101 @@ def evaluate_davis(backbone, root: str, out_dir: str, *, sequences: Sequence[str
       "sequences": per_sequence,
       "settings": dataclasses.asdict(settings),
   }
-  _write_json(os.path.join(out_dir, METRICS_FILE), report)
   return report
+
+
+def _write_sequence(out_dir: str, sequence: DavisSequence, frames: Sequence[np.ndarray],
+                    labels: np.ndarray, palette: np.ndarray) -> None:
+  """OUT/SEQ/*.png (renamed into place when complete) and OUT/pictures/SEQ.png."""
+  final = os.path.join(out_dir, sequence.name)
+  tmp = final + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  for path, frame_labels in zip(sequence.frames, labels):
+    name = os.path.splitext(os.path.basename(path))[0] + ".png"
+    write_indexed_png(os.path.join(tmp, name), frame_labels, palette)
+  shutil.rmtree(final, ignore_errors=True)
+  os.replace(tmp, final)
+  picture = overlay_picture(frames, labels, palette)
+  picture_path = os.path.join(out_dir, PICTURES_DIR, f"{sequence.name}.png")
+  Image.fromarray(picture).save(picture_path + ".tmp.png")
+  os.replace(picture_path + ".tmp.png", picture_path)
+
+
+# ---- The evaluator (dora_jax.evaluation.registry): `dora-eval davis`, config.evals.NAME. ----
+
+# Its settings (config.evals.NAME keys, dora-eval davis's flags): DINO's values.
+DEFAULTS = {
+    "data": "",  # The DAVIS-2017 folder.
+    "sequences": (),  # Sequences to run (empty: those of ImageSets/2017/SPLIT.txt).
+    "split": "val",  # ImageSets/2017/SPLIT.txt lists the sequences.
+    "n_last_frames": PropagationSettings.n_last_frames,  # Previous frames used as sources.
+    "size_mask_neighborhood": PropagationSettings.size_mask_neighborhood,  # Window (0: all).
+    "topk": PropagationSettings.topk,  # Source patches kept per target patch.
+    "temperature": PropagationSettings.temperature,  # Affinity exp(cosine / temperature).
+    "short_side": PropagationSettings.short_side,  # Frames resized to this shorter side...
+    "size_multiple": PropagationSettings.size_multiple,  # ...longer side to a multiple of this.
+    "batch_size": 8,  # Frames per forward pass.
+}
+REPORT_FILE = METRICS_FILE
+SCORES = ("J&F", "J", "F")
+ERRORS = (DavisError,)
+DESCRIPTION = "DAVIS-2017 video object segmentation by label propagation (J&F)."
+
+
+def add_flags(parser: argparse.ArgumentParser, base) -> None:
+  del base  # DINO's values, not the training config's.
+  positive = registry.positive_int
+  parser.add_argument("--data", required=True, help="The DAVIS-2017 folder.")
+  parser.add_argument("--sequences", nargs="+", default=DEFAULTS["sequences"],
+                      help="Sequences to run (default: ImageSets/2017/SPLIT.txt).")
+  parser.add_argument("--split", default=DEFAULTS["split"],
+                      help="ImageSets/2017/SPLIT.txt lists sequences.")
+  parser.add_argument("--n-last-frames", type=positive, default=DEFAULTS["n_last_frames"])
+  parser.add_argument("--size-mask-neighborhood", type=int,
+                      default=DEFAULTS["size_mask_neighborhood"],
+                      help="Source patches within this many patches (0: all).")
+  parser.add_argument("--topk", type=positive, default=DEFAULTS["topk"])
+  parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
+  parser.add_argument("--short-side", type=positive, default=DEFAULTS["short_side"],
+                      help="Frames resized to this shorter side.")
+  parser.add_argument("--size-multiple", type=positive, default=DEFAULTS["size_multiple"],
+                      help="The longer side rounded down to a multiple of this.")
+  parser.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
+                      help="Frames per step.")
+
+
+class Evaluator:
+  """J&F with `DEFAULTS`' settings; see `registry` for the interface."""
+
+  def __init__(self, values: Mapping[str, Any], *, name_of: Callable[[str], str],
+               run: registry.Run | None = None):
+    del run  # The frames are read at each run: DAVIS sets stay on disk.
+    self.values, self.name_of = dict(values), name_of
+    if not values["data"]:
+      raise registry.SettingError(f"{name_of('data')} is empty: give the DAVIS-2017 folder.")
+    registry.check_positive(values, ("n_last_frames", "topk", "short_side", "size_multiple",
+                                     "batch_size"), name_of)
+    self.sequences = list(values["sequences"]) or None
+    list_sequences(values["data"], self.sequences, split=values["split"])  # Checks the folder.
+    self.settings = PropagationSettings(
+        **{field.name: values[field.name] for field in dataclasses.fields(PropagationSettings)})
+
+  def check(self, size) -> None:
+    patch_size = size.patch_size
+    if self.settings.short_side % patch_size or self.settings.size_multiple % patch_size:
+      raise registry.SettingError(
+          f"{self.name_of('short_side')} {self.settings.short_side} and "
+          f"{self.name_of('size_multiple')} {self.settings.size_multiple} must be multiples of "
+          f"the backbone's patch size {patch_size}.")
+
+  def run(self, backbone, *, out_dir: str | None = None, progress: bool = False) -> dict:
+    self.check(backbone.size)
+    return evaluate_davis(backbone, self.values["data"], out_dir, sequences=self.sequences,
+                          split=self.values["split"], settings=self.settings,
+                          batch_size=self.values["batch_size"], progress=progress)
+
+  def summary(self, report: dict) -> str:
+    fmt = lambda value: "n/a" if value is None else f"{value:.3f}"
+    return (f"DAVIS-2017 ({len(report['sequences'])} sequences, {report['num_objects']} "
+            f"objects): J&F {fmt(report['J&F'])}, J {fmt(report['J'])}, F {fmt(report['F'])}")

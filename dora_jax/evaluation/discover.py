@@ -37,11 +37,12 @@ ground-truth box counts as a miss.
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import functools
 import math
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,7 @@ import tqdm
 
 from dora_jax.data import images as images_lib
 from dora_jax.evaluation import features as features_lib
+from dora_jax.evaluation import registry
 from dora_jax.evaluation import voc
 from dora_jax.models import vit
 
@@ -256,7 +258,7 @@ def draw_boxes(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> 
   return np.asarray(picture)
 
 
-def evaluate_discovery(backbone: vit.VisionTransformer, root: str, out_dir: str, *,
+def evaluate_discovery(backbone: vit.VisionTransformer, root: str, out_dir: str | None, *,
                        split: str = "trainval", short_side: int = 0, k_patches: int = 100,
                        batch_size: int = 8, num_threads: int = 0,
                        progress: bool = True) -> dict[str, Any]:
@@ -265,7 +267,7 @@ def evaluate_discovery(backbone: vit.VisionTransformer, root: str, out_dir: str,
   Args:
     backbone: the ViT (its "k" output and patch size are used).
     root: the VOC folder (`voc.list_images`).
-    out_dir: where OUT/pictures/ID.png go (ground truth green, prediction red).
+    out_dir: where OUT/pictures/ID.png go (ground truth green, prediction red); None: nowhere.
     split: ImageSets/Main/{split}.txt lists the images.
     short_side: resize the shorter side to this many pixels first (0: the original size, LOST).
     k_patches: LOST's k.
@@ -298,14 +300,8 @@ def evaluate_discovery(backbone: vit.VisionTransformer, root: str, out_dir: str,
 
   truths = [voc.voc_to_continuous(image.boxes) for image in images]
   hits = [localised(box, truth) for box, truth in zip(predictions, truths)]
-  os.makedirs(os.path.join(out_dir, PICTURES_DIR), exist_ok=True)
-  for image, box in list(zip(images, predictions))[:NUM_PICTURES]:
-    picture = draw_boxes(_prepare(image, (image.height, image.width),
-                                  (image.height, image.width)),
-                         image.boxes, voc.continuous_to_voc(box))
-    path = os.path.join(out_dir, PICTURES_DIR, f"{image.image_id}.png")
-    Image.fromarray(picture).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+  if out_dir is not None:
+    _write_pictures(out_dir, images, predictions)
   return {
       "CorLoc": corloc(predictions, truths),
       "num_images": len(images),
@@ -317,3 +313,78 @@ def evaluate_discovery(backbone: vit.VisionTransformer, root: str, out_dir: str,
       "settings": {"k_patches": k_patches, "short_side": short_side, "patch_size": patch_size,
                    "iou_threshold": IOU_THRESHOLD},
   }
+
+
+def _write_pictures(out_dir: str, images: Sequence[voc.VocImage],
+                    predictions: Sequence[np.ndarray]) -> None:
+  """OUT/pictures/ID.png of the first NUM_PICTURES images (truth green, prediction red)."""
+  os.makedirs(os.path.join(out_dir, PICTURES_DIR), exist_ok=True)
+  for image, box in list(zip(images, predictions))[:NUM_PICTURES]:
+    picture = draw_boxes(_prepare(image, (image.height, image.width),
+                                  (image.height, image.width)),
+                         image.boxes, voc.continuous_to_voc(box))
+    path = os.path.join(out_dir, PICTURES_DIR, f"{image.image_id}.png")
+    Image.fromarray(picture).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+# ---- The evaluator (dora_jax.evaluation.registry): `dora-eval discover`, config.evals.NAME. ----
+
+# Its settings (config.evals.NAME keys, dora-eval discover's flags): LOST's values.
+DEFAULTS = {
+    "data": "",  # The VOC2007 or VOC2012 folder (JPEGImages, Annotations, ImageSets/Main).
+    "split": "trainval",  # ImageSets/Main/SPLIT.txt lists the images.
+    "short_side": 0,  # Shorter side resized to this first (0: original size, as LOST).
+    "k_patches": 100,  # Lowest-degree patches the seed expansion may reach (LOST's k).
+    "batch_size": 8,  # Images (of one padded size) per forward pass.
+}
+REPORT_FILE = "discover.json"
+SCORES = ("CorLoc",)
+ERRORS = (voc.VocError,)
+DESCRIPTION = "LOST object discovery on PASCAL VOC boxes (CorLoc)."
+
+
+def add_flags(parser: argparse.ArgumentParser, base) -> None:
+  del base  # LOST's values, not the training config's.
+  positive = registry.positive_int
+  parser.add_argument("--data", required=True, help="The VOC2007 or VOC2012 folder.")
+  parser.add_argument("--split", default=DEFAULTS["split"], help="ImageSets/Main/SPLIT.txt.")
+  parser.add_argument("--short-side", type=int, default=DEFAULTS["short_side"],
+                      help="Shorter side resized to this first (0: original size, as LOST).")
+  parser.add_argument("--k-patches", type=positive, default=DEFAULTS["k_patches"],
+                      help="Lowest-degree patches the seed expansion may reach.")
+  parser.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
+                      help="Images (of one padded size) per step.")
+
+
+class Evaluator:
+  """CorLoc with `DEFAULTS`' settings; see `registry` for the interface."""
+
+  def __init__(self, values: Mapping[str, Any], *, name_of: Callable[[str], str],
+               run: registry.Run | None = None):
+    del run  # The images are decoded at each run.
+    self.values, self.name_of = dict(values), name_of
+    if not values["data"]:
+      raise registry.SettingError(f"{name_of('data')} is empty: give a VOC2007 or VOC2012 "
+                                  "folder.")
+    registry.check_positive(values, ("k_patches", "batch_size"), name_of)
+    voc.list_images(values["data"], values["split"])  # Checks the folder.
+
+  def check(self, size) -> None:
+    short_side = self.values["short_side"]
+    if short_side < 0 or short_side % size.patch_size:
+      raise registry.SettingError(
+          f"{self.name_of('short_side')} {short_side} must be 0 (original size) or a multiple "
+          f"of the checkpoint's patch size {size.patch_size}, so that its patch grid tiles it.")
+
+  def run(self, backbone, *, out_dir: str | None = None, progress: bool = False) -> dict:
+    self.check(backbone.size)
+    v = self.values
+    report = evaluate_discovery(backbone, v["data"], out_dir, split=v["split"],
+                                short_side=v["short_side"], k_patches=v["k_patches"],
+                                batch_size=v["batch_size"], progress=progress)
+    return dict(report, data=os.path.abspath(v["data"]))
+
+  def summary(self, report: dict) -> str:
+    return (f"LOST CorLoc {report['CorLoc']:.2f}% ({report['num_localised']}/"
+            f"{report['num_images']} images of {report['split']})")

@@ -14,18 +14,35 @@ Shapes: M training features, Q test features, D width, C classes, b test batch, 
 """
 from __future__ import annotations
 
+import argparse
 import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dora_jax import config_base
+from dora_jax.data import images as images_lib
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import probe as probe_lib
+from dora_jax.evaluation import registry
 
-# k, the temperature and the image sizes default to the config's eval.knn_* (DINO's values).
-_DEFAULTS = config_base.get_base_config().eval
+# The evaluator's settings (config.evals.NAME keys, dora-eval knn's flags): DINO's values.
+DEFAULTS = {
+    "train": "",  # The memory bank: an image folder (ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT.
+    "val": "",  # The images it classifies (the same classes), same forms.
+    "tfds_data_dir": "",  # data_dir of tfds sources ("": tfds's default).
+    "k": 20,  # Neighbours that vote (DINO: 20).
+    "temperature": 0.07,  # Vote weight exp(cosine / temperature) (DINO: 0.07).
+    "batch_size": 256,  # Images per step over all local devices.
+    "resize_size": 256,  # Shorter side after the resize (DINO: 256)...
+    "crop_size": 224,  # ...then this centre crop (DINO: 224).
+    "linear_probe": False,  # Also fit a linear probe on the same features (linear_top1).
+}
+REPORT_FILE = "knn.json"
+SCORES = ("top1", "top5", "linear_top1")
+ERRORS = (images_lib.SourceError,)
+DESCRIPTION = "DINO's weighted k-NN accuracy on [CLS] features."
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -81,8 +98,8 @@ def _check(name: str, features: np.ndarray, labels: np.ndarray, num_classes: int
                      f"[{labels.min()}, {labels.max()}].")
 
 
-def knn_votes(train_features, train_labels, test_features, *, k: int = _DEFAULTS.knn_k,
-              temperature: float = _DEFAULTS.knn_temperature, num_classes: int,
+def knn_votes(train_features, train_labels, test_features, *, k: int = DEFAULTS["k"],
+              temperature: float = DEFAULTS["temperature"], num_classes: int,
               batch_size: int = 256, chunk_size: int = 65536) -> np.ndarray:
   """The summed votes of DINO's weighted k-NN for every test feature.
 
@@ -133,7 +150,7 @@ def knn_votes(train_features, train_labels, test_features, *, k: int = _DEFAULTS
 
 
 def knn_classifier(train_features, train_labels, test_features, test_labels, *,
-                   k: int = _DEFAULTS.knn_k, temperature: float = _DEFAULTS.knn_temperature,
+                   k: int = DEFAULTS["k"], temperature: float = DEFAULTS["temperature"],
                    num_classes: int, batch_size: int = 256,
                    chunk_size: int = 65536) -> tuple[float, float]:
   """DINO's weighted k-NN accuracy: (top1, top5) in percent.
@@ -153,10 +170,10 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, *,
   return (100.0 * float(correct[:, 0].mean()), 100.0 * float(correct[:, :top].any(axis=1).mean()))
 
 
-def evaluate_knn(backbone, train_source, val_source, *, k: int = _DEFAULTS.knn_k,
-                 temperature: float = _DEFAULTS.knn_temperature, batch_size: int = 256,
-                 resize_size: int = _DEFAULTS.knn_resize_size,
-                 crop_size: int = _DEFAULTS.knn_crop_size,
+def evaluate_knn(backbone, train_source, val_source, *, k: int = DEFAULTS["k"],
+                 temperature: float = DEFAULTS["temperature"], batch_size: int = 256,
+                 resize_size: int = DEFAULTS["resize_size"],
+                 crop_size: int = DEFAULTS["crop_size"],
                  num_threads: int = 0, progress: bool = True, linear_probe: bool = False) -> dict:
   """The k-NN accuracy of a backbone's [CLS] features: val images classified by train images.
 
@@ -182,6 +199,13 @@ def evaluate_knn(backbone, train_source, val_source, *, k: int = _DEFAULTS.knn_k
                               num_threads=num_threads, progress=progress)
   train_features, train_labels = extract(train_source)
   val_features, val_labels = extract(val_source)
+  return knn_report(train_features, train_labels, val_features, val_labels, train_source,
+                    val_source, k=k, temperature=temperature, linear_probe=linear_probe)
+
+
+def knn_report(train_features, train_labels, val_features, val_labels, train_source, val_source,
+               *, k: int, temperature: float, linear_probe: bool) -> dict:
+  """`evaluate_knn`'s report from the features (see there)."""
   top1, top5 = knn_classifier(train_features, train_labels, val_features, val_labels, k=k,
                               temperature=temperature, num_classes=train_source.num_classes)
   report = {"top1": top1, "top5": top5, "k": k, "temperature": temperature,
@@ -194,3 +218,84 @@ def evaluate_knn(backbone, train_source, val_source, *, k: int = _DEFAULTS.knn_k
     report.update(linear_top1=fitted["top1"], linear_train_top1=fitted["train_top1"],
                   linear_l2=fitted["l2"])
   return report
+
+# ---- The evaluator (dora_jax.evaluation.registry): `dora-eval knn`, config.evals.NAME. ----
+
+
+def add_flags(parser: argparse.ArgumentParser, base) -> None:
+  del base  # DINO's values, not the training config's.
+  positive = registry.positive_int
+  parser.add_argument("--train", required=True,
+                      help="Image folder or tfds:NAME:SPLIT (memory bank).")
+  parser.add_argument("--val", required=True,
+                      help="Image folder or tfds:NAME:SPLIT (classified).")
+  parser.add_argument("--tfds-data-dir", default="", help="data_dir of tfds sources.")
+  parser.add_argument("--k", type=positive, default=DEFAULTS["k"], help="Neighbours that vote.")
+  parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
+                      help="Vote temperature.")
+  parser.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
+                      help="Images per step over all local devices.")
+  parser.add_argument("--resize-size", type=positive, default=DEFAULTS["resize_size"],
+                      help="Shorter side after the resize.")
+  parser.add_argument("--crop-size", type=positive, default=DEFAULTS["crop_size"],
+                      help="Centre crop side.")
+  parser.add_argument("--linear-probe", action="store_true",
+                      help="Also fit a linear probe (L-BFGS logistic regression) on the same "
+                      "features: linear_top1 in the report.")
+
+
+class Evaluator:
+  """The k-NN of `DEFAULTS`' settings; see `registry` for the interface."""
+
+  def __init__(self, values: Mapping[str, Any], *, name_of: Callable[[str], str],
+               run: registry.Run | None = None):
+    self.values = dict(values)
+    for key in ("train", "val"):
+      if not values[key]:
+        raise registry.SettingError(f"{name_of(key)} is empty: the k-NN needs an image folder "
+                                    "(ROOT/CLASS/IMAGE) or tfds:NAME:SPLIT.")
+    registry.check_positive(values, ("k", "batch_size", "resize_size", "crop_size"), name_of)
+    if not values["temperature"] > 0:
+      raise registry.SettingError(f"{name_of('temperature')}={values['temperature']!r}: must be "
+                                  "> 0.")
+    self.train, self.val = (
+        images_lib.open_source(values[key], tfds_data_dir=values["tfds_data_dir"] or None)
+        for key in ("train", "val"))
+    if self.train.num_classes != self.val.num_classes:
+      raise images_lib.SourceError(
+          f"{name_of('train')} {values['train']} has {self.train.num_classes} classes but "
+          f"{name_of('val')} {values['val']} has {self.val.num_classes}.")
+    # During pretraining: the (small) sets decoded and cropped once, kept in memory.
+    self.preprocessed = None if run is None else tuple(
+        features_lib.load_preprocessed(source, resize_size=values["resize_size"],
+                                       crop_size=values["crop_size"])
+        for source in (self.train, self.val))
+
+  def check(self, size) -> None:
+    del size  # Any ViT has a [CLS] token.
+
+  def run(self, backbone, *, out_dir: str | None = None, progress: bool = False) -> dict:
+    del out_dir  # The report is all.
+    v = self.values
+    if self.preprocessed is None:
+      return evaluate_knn(backbone, self.train, self.val, k=v["k"],
+                          temperature=v["temperature"], batch_size=v["batch_size"],
+                          resize_size=v["resize_size"], crop_size=v["crop_size"],
+                          progress=progress, linear_probe=v["linear_probe"])
+    encoder = features_lib.Encoder(backbone, ("cls",))
+    batch_size = encoder.padded_size(v["batch_size"])
+    (train_features, train_labels), (val_features, val_labels) = [
+        features_lib.embed_batches(
+            encoder, features_lib.array_batches(images, labels, batch_size),
+            total=len(labels), batch_size=batch_size, progress=False)
+        for images, labels in self.preprocessed]
+    return knn_report(train_features, train_labels, val_features, val_labels, self.train,
+                      self.val, k=v["k"], temperature=v["temperature"],
+                      linear_probe=v["linear_probe"])
+
+  def summary(self, report: dict) -> str:
+    probe = (f", linear probe top-1 {report['linear_top1']:.2f}%" if "linear_top1" in report
+             else "")
+    return (f"k-NN (k={report['k']}, T={report['temperature']}): top-1 {report['top1']:.2f}%, "
+            f"top-5 {report['top5']:.2f}%{probe} ({report['num_train']} train, "
+            f"{report['num_val']} val images, {report['num_classes']} classes)")

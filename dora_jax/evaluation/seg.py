@@ -18,11 +18,12 @@ labelled pixels; mAcc = the mean over classes with labelled pixels of their accu
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from flax import nnx
 import jax
@@ -35,10 +36,31 @@ import tqdm
 
 from dora_jax.evaluation import davis
 from dora_jax.evaluation import features as features_lib
+from dora_jax.evaluation import registry
 from dora_jax.evaluation import seg_data
 
 METRICS_FILE = "seg_metrics.json"
 PRED_DIR, PICTURES_DIR, READOUT_DIR = "pred", "pictures", "readout"
+
+# The evaluator's settings (config.evals.NAME keys, dora-eval seg's flags), as a short readout
+# during pretraining (dora-eval seg: `SegSettings`' defaults, DINOv2's recipe).
+DEFAULTS = {
+    "data": "",  # An ADE20K-layout folder (images/, annotations/)...
+    "train": "",  # ...or, instead, tfds:NAME:SPLIT with a 'segmentation_mask'...
+    "val": "",  # ...for training and validation.
+    "tfds_data_dir": "",  # data_dir of tfds sources ("": tfds's default).
+    "num_classes": 0,  # Classes 1..C (0: the folder's class names file, else ADE20K's 150).
+    "iterations": 300,  # Readout training steps per evaluation (dora-eval seg: 40000).
+    "batch_size": 16,  # Training crops per step (DINOv2: 16).
+    "image_size": 0,  # Crop side and evaluation resolution (0: data.global_size; dora-eval: 512).
+    "blocks": 1,  # Patch tokens of the last n blocks, concatenated (DINOv2: 1, or 4).
+    "lr": 1e-3,  # AdamW's peak learning rate.
+    "seed": -1,  # Crops and initialisation (-1: config.seed; dora-eval: 0).
+}
+REPORT_FILE = METRICS_FILE
+SCORES = ("mIoU", "aAcc", "mAcc")
+ERRORS = (seg_data.SegError,)
+DESCRIPTION = "Linear segmentation readout (DINOv2's linear head): mIoU, aAcc, mAcc."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,3 +324,78 @@ def evaluate_seg(backbone: Callable[..., dict[str, jax.Array]] | nnx.Module, tra
           "num_train": len(train), "num_val": len(val),
           "settings": {k: list(v) if isinstance(v, tuple) else v
                        for k, v in dataclasses.asdict(settings).items()}}
+
+
+# ---- The evaluator (dora_jax.evaluation.registry): `dora-eval seg`, config.evals.NAME. ----
+
+
+def add_flags(parser: argparse.ArgumentParser, base) -> None:
+  """The flags; those left at None take `SegSettings`' defaults (DINOv2's ADE20K linear head)."""
+  del base
+  positive = registry.positive_int
+  parser.add_argument("--data", default="", help="The ADE20K layout (images/, annotations/).")
+  parser.add_argument("--train", default="", help="Instead of --data: tfds:NAME:SPLIT.")
+  parser.add_argument("--val", default="", help="Instead of --data: tfds:NAME:SPLIT.")
+  parser.add_argument("--tfds-data-dir", default="", help="data_dir of tfds sources.")
+  parser.add_argument("--num-classes", type=int, default=0,
+                      help="C (0: the class names in ROOT, else ADE20K's 150).")
+  parser.add_argument("--iterations", type=positive, default=None,
+                      help="Training steps (40000).")
+  parser.add_argument("--batch-size", type=positive, default=None, help="Crops per step (16).")
+  parser.add_argument("--image-size", type=positive, default=None,
+                      help="Crop side, and the evaluation resolution (512).")
+  parser.add_argument("--blocks", type=int, choices=(1, 4), default=None,
+                      help="Patch tokens of the last n blocks (1).")
+  parser.add_argument("--lr", type=float, default=None, help="AdamW's peak lr (1e-3).")
+  parser.add_argument("--seed", type=int, default=None, help="Crops and initialisation (0).")
+
+
+class Evaluator:
+  """The linear readout with `DEFAULTS`' settings; see `registry` for the interface."""
+
+  def __init__(self, values: Mapping[str, Any], *, name_of: Callable[[str], str],
+               run: registry.Run | None = None):
+    self.name_of = name_of
+    data, train, val = values["data"], values["train"], values["val"]
+    if bool(train) != bool(val) or bool(data) == bool(train):
+      raise registry.SettingError(
+          f"give {name_of('data')} ROOT (the ADE20K layout) or both {name_of('train')} and "
+          f"{name_of('val')} (tfds:NAME:SPLIT), not both.")
+    given = {key: values[key] for key in ("iterations", "batch_size", "image_size", "blocks",
+                                          "lr", "seed") if values[key] is not None}
+    if run is not None:  # A short readout on the run's image size, its seed, no pictures.
+      given.update(num_pictures=0)
+      if not given.get("image_size"):
+        given["image_size"] = run.image_size
+      if given.get("seed", -1) < 0:
+        given["seed"] = run.seed
+    registry.check_positive(given, tuple(k for k in ("iterations", "batch_size", "image_size",
+                                                      "blocks") if k in given), name_of)
+    self.settings = SegSettings(**given)
+    self.sources = [seg_data.open_seg_source(spec, split, num_classes=values["num_classes"],
+                                             tfds_data_dir=values["tfds_data_dir"] or None)
+                    for spec, split in ((train or data, "training"), (val or data, "validation"))]
+    if run is not None:  # During pretraining: decoded once, kept in memory.
+      self.sources = [seg_data.InMemorySource(source) for source in self.sources]
+
+  def check(self, size) -> None:
+    if self.settings.image_size % size.patch_size:
+      raise registry.SettingError(
+          f"{self.name_of('image_size')} {self.settings.image_size} is not a multiple of the "
+          f"checkpoint's patch size {size.patch_size}; the patch grid must tile the image.")
+    if self.settings.blocks > size.depth:
+      raise registry.SettingError(f"{self.name_of('blocks')} {self.settings.blocks} exceeds the "
+                                  f"checkpoint's {size.depth} blocks.")
+
+  def run(self, backbone, *, out_dir: str | None = None, progress: bool = False) -> dict:
+    self.check(backbone.size)
+    report = evaluate_seg(backbone, *self.sources, self.settings, out_dir=out_dir,
+                          progress=progress)
+    return dict(report, train=self.sources[0].name, val=self.sources[1].name)
+
+  def summary(self, report: dict) -> str:
+    fmt = lambda value: "n/a" if value is None else f"{value:.2f}"
+    return (f"linear segmentation ({report['num_classes']} classes, "
+            f"{report['settings']['iterations']} iterations, "
+            f"{report['settings']['image_size']} px): mIoU {fmt(report['mIoU'])}, "
+            f"aAcc {fmt(report['aAcc'])}, mAcc {fmt(report['mAcc'])}")

@@ -14,11 +14,12 @@ longer side rounded down to a multiple of `size_multiple` (the patch size or a m
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import glob
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import av
 import jax
@@ -27,9 +28,32 @@ from PIL import Image
 
 from dora_jax.data import synthetic
 from dora_jax.evaluation import features as features_lib
+from dora_jax.evaluation import registry
 from dora_jax import objects
+from dora_jax import tracking
 
 BACKBONE_OUTPUTS = ("attn", "q", "k", "tokens")
+DEMO_TOUR = "demo"  # The `data` of a training run's own synthetic tour (data.synthetic).
+
+# The evaluator's settings (config.evals.NAME keys, dora-eval track's flags). During pretraining
+# 0, "" and -1 take the training config's value: the clips and the DoRA kernels as it trains them.
+DEFAULTS = {
+    "data": "",  # The synthetic tour (.mp4 beside .masks.npz, or its folder); "demo": the run's.
+    "clips": 16,  # Clips anchored evenly over the tour.
+    "frames_per_clip": 0,  # Frames per clip (0: data.frames_per_clip).
+    "frame_stride": 0,  # Tour frames between a clip's frames (0: data.frame_stride).
+    "short_side": 0,  # Shorter side of the frames the teacher sees (0: data.global_size).
+    "size_multiple": 0,  # Longer side rounded down to a multiple of this (0: the patch size).
+    "num_objects": 0,  # Objects discovered (0: dora.num_objects).
+    "sinkhorn_iters": 0,  # (0: dora.sinkhorn_iters).
+    "sinkhorn_epsilon": 0.0,  # (0: dora.sinkhorn_epsilon).
+    "mask_threshold": "",  # A number, 'mean' or 'batch_mean' ("": dora.mask_threshold).
+    "seed": -1,  # Picks the discovery heads (-1: config.seed).
+    "batch_size": 32,  # Frames per forward pass.
+}
+REPORT_FILE = "track.json"
+SCORES = ("track_iou", "track_iou_last")
+DESCRIPTION = "Tracking IoU of the DoRA kernels on the synthetic walking tour."
 
 
 class TourError(ValueError):
@@ -39,8 +63,8 @@ class TourError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TrackSettings:
   """The clips, and the DoRA kernels' settings as in training (their defaults: config_base's
-  `dora` section). No defaults here: the training config (`periodic`) and dora-eval's flags
-  (cli/eval.py) each give all of them."""
+  `dora` section). No defaults here: `Evaluator` makes them from the training config or from
+  dora-eval's flags."""
   num_clips: int  # Clips, anchored evenly over the tour.
   frames_per_clip: int  # T: the anchor and T-1 frames it is tracked into.
   frame_stride: int  # Frames of the tour between two frames of a clip.
@@ -205,3 +229,108 @@ def evaluate_tracking(backbone, tour: str | tuple[np.ndarray, np.ndarray],
              else features_lib.Encoder(backbone, BACKBONE_OUTPUTS))
   tracked = track_objects(encoder, clip_frames, settings, batch_size=batch_size)
   return dict(tracking_iou(tracked, clip_masks), settings=dataclasses.asdict(settings))
+
+
+ERRORS = (TourError,)
+
+
+# ---- The evaluator (dora_jax.evaluation.registry): `dora-eval track`, config.evals.NAME. ----
+
+
+def add_flags(parser: argparse.ArgumentParser, base) -> None:
+  """The flags; those a training config also has default to its base values (`base`)."""
+  positive = registry.positive_int
+  parser.add_argument("--data", required=True,
+                      help="The synthetic tour (.mp4 beside its .masks.npz) or its folder.")
+  parser.add_argument("--clips", type=positive, default=DEFAULTS["clips"])
+  # The synthetic tour's clips, shorter than the config's WT-Venice ones (data.frames_per_clip,
+  # data.frame_stride).
+  parser.add_argument("--frames-per-clip", type=positive, default=4)
+  parser.add_argument("--frame-stride", type=positive, default=10)
+  parser.add_argument("--short-side", type=positive, default=base.data.global_size)
+  parser.add_argument("--size-multiple", type=int, default=DEFAULTS["size_multiple"],
+                      help="Longer side rounded down to this (0: the patch size).")
+  parser.add_argument("--num-objects", type=positive, default=base.dora.num_objects)
+  parser.add_argument("--sinkhorn-iters", type=positive, default=base.dora.sinkhorn_iters)
+  parser.add_argument("--sinkhorn-epsilon", type=float, default=base.dora.sinkhorn_epsilon)
+  parser.add_argument("--mask-threshold", default=base.dora.mask_threshold,
+                      help="A number, or a rule: 'mean' (of each heat map), 'batch_mean'.")
+  parser.add_argument("--seed", type=int, default=base.seed, help="Picks the discovery heads.")
+  parser.add_argument("--batch-size", type=positive, default=DEFAULTS["batch_size"],
+                      help="Frames per step.")
+
+
+class Evaluator:
+  """Tracking IoU with `DEFAULTS`' settings; see `registry` for the interface."""
+
+  def __init__(self, values: Mapping[str, Any], *, name_of: Callable[[str], str],
+               run: registry.Run | None = None):
+    self.values, self.name_of = dict(values), name_of
+    data = values["data"]
+    if data == DEMO_TOUR:
+      if run is None or not run.demo_tour:
+        raise registry.SettingError(
+            f'{name_of("data")}="{DEMO_TOUR}" needs the synthetic tour of data.synthetic; set '
+            "data.synthetic=True or give a tour's path.")
+      data = run.demo_tour
+    if not data:
+      raise registry.SettingError(f"{name_of('data')} is empty: the tracking IoU needs a "
+                                  "synthetic tour (.mp4 beside its .masks.npz) or its folder.")
+    registry.check_positive(values, ("clips", "batch_size"), name_of)
+    try:
+      threshold = (objects.parse_threshold(values["mask_threshold"])
+                   if values["mask_threshold"] != "" else None)
+    except ValueError:
+      raise registry.SettingError(
+          f"{name_of('mask_threshold')} {values['mask_threshold']!r}: expected a number or one "
+          f"of {', '.join(repr(r) for r in tracking.THRESHOLD_RULES)}.") from None
+    inherited = run.dora if run is not None else objects.DoraOptions()
+    given = dict(num_objects=values["num_objects"], sinkhorn_iters=values["sinkhorn_iters"],
+                 sinkhorn_epsilon=values["sinkhorn_epsilon"], mask_threshold=threshold)
+    self.dora = dataclasses.replace(inherited, **{k: v for k, v in given.items() if v})
+    self.clip_values = {  # The clips' shape, the training run's where 0.
+        "frames_per_clip": values["frames_per_clip"] or (run and run.frames_per_clip),
+        "frame_stride": values["frame_stride"] or (run and run.frame_stride),
+        "short_side": values["short_side"] or (run and run.image_size),
+        "seed": run.seed if values["seed"] < 0 and run is not None else values["seed"]}
+    registry.check_positive(self.clip_values, ("frames_per_clip", "frame_stride", "short_side"),
+                            name_of)
+    self.tour = os.path.abspath(data)
+    self.frames, self.masks = load_tour(data)
+    self.settings, self.clips = None, None  # Made by `check`: they need the patch size.
+
+  def check(self, size) -> None:
+    """The objects fit the heads; the clips at the patch size (cut once: `run` reuses them)."""
+    if self.dora.num_objects > size.num_heads:
+      raise registry.SettingError(
+          f"{self.name_of('num_objects')} {self.dora.num_objects} exceeds the backbone's "
+          f"{size.num_heads} heads (one head discovers one object).")
+    settings = TrackSettings(
+        num_clips=self.values["clips"], frames_per_clip=self.clip_values["frames_per_clip"],
+        frame_stride=self.clip_values["frame_stride"],
+        short_side=self.clip_values["short_side"],
+        size_multiple=self.values["size_multiple"] or size.patch_size, dora=self.dora,
+        seed=self.clip_values["seed"])
+    if settings != self.settings:
+      self.clips = make_clips(self.frames, self.masks, settings)
+      self.settings = settings
+
+  def run(self, backbone, *, out_dir: str | None = None, progress: bool = False) -> dict:
+    del out_dir, progress  # The report is all; a few clips.
+    self.check(backbone.size)
+    encoder = features_lib.Encoder(backbone, BACKBONE_OUTPUTS)
+    tracked = track_objects(encoder, self.clips[0], self.settings,
+                            batch_size=self.values["batch_size"])
+    report = tracking_iou(tracked, self.clips[1])
+    offsets = report["track_iou_per_offset"]
+    return dict(report, track_iou_last=offsets[-1] if offsets else None,
+                settings=dataclasses.asdict(self.settings), tour=self.tour)
+
+  def summary(self, report: dict) -> str:
+    offsets = " ".join(_fmt(v) for v in report["track_iou_per_offset"] or [])
+    return (f"tracking IoU {_fmt(report['track_iou'])} over {report['num_clips']} clips (per "
+            f"frame offset: {offsets})")
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.3f}"

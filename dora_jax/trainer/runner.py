@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging as logging_std
 import os
+import re
 import sys
 import threading
 import time
@@ -63,11 +64,14 @@ class Program:
     run: `(config, workdir) -> results`; imports the program's modules itself (after
       jax.distributed starts).
     report: `results -> text` printed by process 0 after a run ("" prints nothing).
+    replaced_key: `old dotted key -> the key that replaced it` (None: not a removed key), so an
+      old key in an override or a config file is an error that names the new one.
   """
   name: str
   config_keys_file: str
   run: Callable[[ml_collections.ConfigDict, str], Any]
   report: Callable[[Any], str] | None = None
+  replaced_key: Callable[[str], str | None] | None = None
 
   @property
   def log_file(self) -> str:
@@ -221,6 +225,26 @@ def _config_filename(argv: list[str]) -> str:
   return value.split(":", 1)[0]
 
 
+def _replaced_key_error(program: Program, error: BaseException, argv: list[str]) -> str | None:
+  """'config key eval.k was replaced by evals.knn.k' when an override or the config file's
+  failing line uses a removed key."""
+  if program.replaced_key is None or not isinstance(error, (AttributeError, KeyError)):
+    return None
+  used = [(arg.split("=", 1)[0], arg[len("--config."):].split("=", 1)[0]) for arg in argv
+          if arg.startswith("--config.")]
+  filename = _config_filename(argv)
+  for frame in traceback.extract_tb(error.__traceback__):
+    if filename and os.path.abspath(frame.filename) == os.path.abspath(filename):
+      used += [(f"{filename} line {frame.lineno}", key)
+               for key in re.findall(r"\.(\w+(?:\.\w+)?)", frame.line or "")]
+  for where, key in used:
+    new = program.replaced_key(key)
+    if new is not None:
+      return (f"{where}: config key {key} was replaced by {new}; see {program.config_keys_file} "
+              "for the keys.")
+  return None
+
+
 def _parse_error(program: Program, error: Exception, argv: list[str]) -> str:
   """The one line for what absl, ml_collections or the config file raised while parsing."""
   lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -230,6 +254,9 @@ def _parse_error(program: Program, error: Exception, argv: list[str]) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
   if isinstance(error, OSError):
     return f"cannot load --config {_config_filename(argv)}: {lines[-1]}"
+  replaced = _replaced_key_error(program, error, argv)
+  if replaced is not None:
+    return replaced
   problem = _config_file_error(error, _config_filename(argv))
   if problem is not None:
     return f"cannot load --config {problem}"

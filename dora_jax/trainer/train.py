@@ -9,7 +9,7 @@
               damaged newer one is reported and set aside) or initialise.
   input       the grain iterator of this host's batches, at the restored position.
   loop        `loop.run`, the loop dora-finetune shares: step, metrics, evaluators
-              (`config.eval`), pictures, checkpoints, until `total_steps` or SIGTERM
+              (`config.evals`), pictures, checkpoints, until `total_steps` or SIGTERM
               (preemption), which saves and returns; a non-finite loss stops the run, keeping the
               last good checkpoint. This module gives it only what is DoRA's: the state, the
               update, the clips, the evaluators, the pictures.
@@ -126,7 +126,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       evaluation_due=lambda step: evaluator.due(step, total_steps),
       # Every process runs it, on its own devices.
       evaluate=lambda step, state: evaluator.run(train_step.teacher_backbone(graphdef, state),
-                                                 step),
+                                                 step, total_steps),
       after_step=make_picture_writer(config, graphdef, workdir, total_steps, replicated),
       unrolled=unrolled, loop_shards=mesh.size,
       peak_flops=flops_lib.device_peak(config.model.compute_dtype))  # Per device; None: unknown.
@@ -140,7 +140,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 def make_evaluator(config: ml_collections.ConfigDict,
                    plan: preflight.RunPlan) -> periodic.PeriodicEvaluator:
-  """The evaluators of `config.eval` (none by default); bad settings or data: ConfigError."""
+  """The evaluators of `config.evals` (none by default); bad settings or data: ConfigError."""
   demo_tour = (paths.join(plan.workdir, preflight.DEMO_DATA_DIR) if config.data.synthetic
                else None)
   try:
