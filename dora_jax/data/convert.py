@@ -440,7 +440,7 @@ def input_id_for(spec: str) -> str:
     name = spec[len(images_lib.TFDS_PREFIX):].replace(":", "_").replace("/", "_")
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "images"
   if os.path.isdir(spec):
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.normpath(spec))) or "images"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(os.path.abspath(spec))) or "images"
   return video_id_for(spec)
 
 
