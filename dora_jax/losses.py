@@ -87,8 +87,24 @@ def update_center(center: jax.Array, teacher_logits: jax.Array, momentum: float)
 
 
 def entropy(probs: jax.Array) -> jax.Array:
-  """Mean entropy (nats) of distributions over the last axis; near 0 means collapse."""
+  """Mean entropy (nats) of distributions over the last axis (per sample: low by design at a
+  sharp teacher temperature; near log K, the teacher outputs uniform)."""
   return jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
+
+
+def batch_entropy(probs: jax.Array) -> jax.Array:
+  """Entropy (nats) of the batch-mean distribution: the mean of `probs` (..., K) over all leading
+  axes. Near 0: every row puts its mass on the same prototype (collapse onto one); log K: the
+  rows together use all K evenly."""
+  mean = jnp.mean(probs.reshape(-1, probs.shape[-1]).astype(jnp.float32), axis=0)
+  return -jnp.sum(mean * jnp.log(jnp.maximum(mean, 1e-30)))
+
+
+def prototypes_used(probs: jax.Array) -> jax.Array:
+  """How many distinct prototypes are the argmax of some row of `probs` (..., K): int32 in
+  [1, min(rows, K)]."""
+  winners = jnp.argmax(probs.reshape(-1, probs.shape[-1]), axis=-1)
+  return jnp.sum(jnp.zeros(probs.shape[-1], jnp.int32).at[winners].set(1))
 
 
 def kl_divergence(probs: jax.Array, student_logits: jax.Array,

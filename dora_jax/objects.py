@@ -33,6 +33,13 @@ class DoraOptions:
   mask_mode: str = _DEFAULTS.mask_mode
   mask_threshold: str | float = _DEFAULTS.mask_threshold
 
+  @property
+  def heads_per_batch(self) -> bool:
+    """Whether one draw of k heads serves the whole batch: with the public code's batch-coupled
+    cut ("batch_mean"), as the public code draws them, so that object i of every clip comes
+    from the same head; otherwise each clip draws its own."""
+    return self.mask_threshold == "batch_mean"
+
   @classmethod
   def from_config(cls, dora_config, *, num_heads: int) -> "DoraOptions":
     """Parses and checks `config.dora` against a model with `num_heads` heads.
@@ -82,23 +89,27 @@ def track_objects(options: DoraOptions, teacher_out: dict[str, jax.Array],
     teacher_out: the backbone dict of the teacher on the frames reshaped to (B*T, H, W, 3):
       `attn` (B*T, h, N+1, N+1), `q`, `k` (B*T, h, N+1, d_head), `tokens` (B*T, N, D).
     clip_shape: (B, T, H, W); frame 0 of each clip is the anchor.
-    key: PRNG key for the head pick.
+    key: PRNG key for the head pick (per clip, or once for the batch: `heads_per_batch`).
 
-  Returns dict (no gradient): prototypes (B, k, d) refined, plan (B, k, N), heatmaps
-    (B, T, k, N), masks (B, T, k, H, W) bool.
+  Returns dict (no gradient): heads (B, k) int32 the heads that discovered the objects,
+    prototypes (B, k, d) refined, plan (B, k, N), heatmaps (B, T, k, N), masks (B, T, k, H, W)
+    bool.
   """
   batch, frames_per_clip, height, width = clip_shape
   per_clip = lambda x: jax.lax.stop_gradient(x).reshape((batch, frames_per_clip) + x.shape[1:])
   attn, queries, keys = (per_clip(teacher_out[name]) for name in ("attn", "q", "k"))
   tokens = per_clip(teacher_out["tokens"])  # (B, T, N, D)
   patch = int(round(math.sqrt(height * width / tokens.shape[2])))
-  prototypes = tracking.discover(attn[:, 0], queries[:, 0], key, num_objects=options.num_objects)
+  heads = tracking.choose_heads(key, batch, attn.shape[2], options.num_objects,
+                               per_batch=options.heads_per_batch)
+  prototypes = tracking.discover(attn[:, 0], queries[:, 0], None, num_objects=options.num_objects,
+                                 heads=heads)
   refined, plan = tracking.refine(prototypes, tokens[:, 0], epsilon=options.sinkhorn_epsilon,
                                   num_iters=options.sinkhorn_iters)
   heatmaps = tracking.track(refined, tracking.concat_heads(keys[:, :, :, 1:]))
   masks = tracking.object_masks(heatmaps, grid_size=(height // patch, width // patch),
                                 image_size=(height, width), threshold=options.mask_threshold)
-  return dict(prototypes=refined, plan=plan, heatmaps=heatmaps, masks=masks)
+  return dict(heads=heads, prototypes=refined, plan=plan, heatmaps=heatmaps, masks=masks)
 
 
 def object_views(options: DoraOptions, teacher_out: dict[str, jax.Array], frames: jax.Array,

@@ -103,9 +103,14 @@ def _check_num_objects(num_objects: int, num_heads: int) -> None:
         f"({num_heads}): each object is discovered by one head.")
 
 
-def choose_heads(key: jax.Array, batch_size: int, num_heads: int, num_objects: int) -> jax.Array:
-  """k distinct heads per clip, uniformly at random. Returns (B, k) int32."""
+def choose_heads(key: jax.Array, batch_size: int, num_heads: int, num_objects: int, *,
+                 per_batch: bool = False) -> jax.Array:
+  """k distinct heads, uniformly at random: per clip, or (`per_batch`) one draw shared by every
+  clip of the batch, as the public DoRA code draws them. Returns (B, k) int32."""
   _check_num_objects(num_objects, num_heads)
+  if per_batch:
+    heads = jax.random.permutation(key, num_heads)[:num_objects]
+    return jnp.broadcast_to(heads, (batch_size, num_objects))
   keys = jax.random.split(key, batch_size)
   return jax.vmap(lambda k: jax.random.permutation(k, num_heads)[:num_objects])(keys)
 
@@ -144,7 +149,7 @@ def discover(attn: jax.Array, queries: jax.Array, key: jax.Array | None, *,
     attn: (B, h, N+1, N+1) the last block's attention of the anchor frame (token 0 is [CLS]).
     queries: (B, h, N+1, d_head) that block's per-head queries.
     key: PRNG key choosing the k heads at random (independently per clip); unused when `heads`
-      is given.
+      is given (e.g. one draw for the batch, `choose_heads(..., per_batch=True)`).
     num_objects: k <= h.
     heads: optional (B, k) int, the heads to use (distinct per clip, in [0, h)), for
       reproducible use from other code; None picks them from `key` (see `choose_heads`).
@@ -246,9 +251,11 @@ def object_masks(heatmaps: jax.Array, *, grid_size: tuple[int, int],
       and object: clips never influence each other's masks.
     "batch_mean": the public DoRA code's rule. Each row is L2-normalised, and the cut of
       (frame t, object i) is the mean over the whole batch axis and the patches, so the clips
-      passed in together couple. The reference applies it to one GPU's batch; under `jax.jit`
-      over a sharded global batch this is the global batch unless called per device (e.g. in
-      `shard_map`). For a single clip it equals "mean".
+      passed in together couple. Row i of every clip should then come from the same head, as
+      in the public code (`choose_heads(..., per_batch=True)`; `objects.track_objects` does
+      so). The reference applies it to one GPU's batch; under `jax.jit` over a sharded global
+      batch this is the global batch unless called per device (e.g. in `shard_map`). For a
+      single clip it equals "mean".
     a float: every value above it.
 
   Args:

@@ -6,6 +6,7 @@ import pytest
 
 from dora_jax import config_base
 from dora_jax import objects
+from dora_jax import tracking
 
 
 def _dora_config(**overrides):
@@ -80,3 +81,55 @@ def test_object_overlap_is_the_mean_pairwise_iou():
                              rtol=1e-6)
   same = np.repeat(masks[:, :, :1], 3, axis=2)
   assert float(objects.object_overlap(jnp.asarray(same))) == pytest.approx(1.0)
+
+
+def _teacher_outputs(rng, batch=2, frames=3, heads=6, head_dim=8, grid=14, scale=3.0):
+  """Random teacher outputs as `track_objects` takes them ((B*T, ...)), and the anchor's and every
+  frame's arrays as `test_tracking.public_pipeline` takes them."""
+  tokens = grid * grid + 1
+  logits = 2.0 * rng.normal(size=(batch, heads, tokens, tokens))
+  attn = np.exp(logits - logits.max(-1, keepdims=True))
+  clips = dict(attn=attn / attn.sum(-1, keepdims=True),
+               queries=scale * rng.normal(size=(batch, heads, tokens, head_dim)),
+               keys=scale * rng.normal(size=(batch, frames, heads, tokens, head_dim)),
+               tokens=rng.normal(size=(batch, tokens - 1, heads * head_dim)))
+  every_frame = lambda x: np.repeat(x[:, None], frames, 1).reshape((-1,) + x.shape[1:])
+  teacher_out = {"attn": every_frame(clips["attn"]), "q": every_frame(clips["queries"]),
+                 "k": clips["keys"].reshape((-1,) + clips["keys"].shape[2:]),
+                 "tokens": every_frame(clips["tokens"])}
+  teacher_out = {name: jnp.asarray(value, jnp.float32) for name, value in teacher_out.items()}
+  return teacher_out, clips, (batch, frames, grid, grid)
+
+
+def test_batch_mean_draws_the_heads_once_per_batch_as_the_public_code():
+  from test_tracking import public_pipeline  # pylint: disable=g-import-not-at-top
+
+  teacher_out, clips, clip_shape = _teacher_outputs(np.random.default_rng(11))
+  key = jax.random.PRNGKey(3)
+  per_clip = np.asarray(tracking.choose_heads(key, 2, 6, 3))
+  assert not np.array_equal(per_clip[0], per_clip[1])  # A key for which clips' own draws differ.
+  options = objects.DoraOptions(num_objects=3, sinkhorn_iters=3, mask_threshold="batch_mean")
+  found = jax.jit(lambda out: objects.track_objects(options, out, clip_shape, key))(teacher_out)
+  heads = np.asarray(found["heads"])
+  assert np.array_equal(heads[0], heads[1]) and len(set(heads[0].tolist())) == 3
+  assert 0 <= heads.min() and heads.max() < 6
+  # The public rule in float64: those k heads for the whole batch, every heat-map row
+  # L2-normalised, cut at the mean over the batch's rows (per frame and object).
+  reference, reference_masks = public_pipeline(**clips, heads=np.tile(heads[:1], (2, 1)),
+                                               num_iters=3)
+  masks = np.asarray(found["masks"]).reshape(reference_masks.shape)
+  np.testing.assert_array_equal(masks, reference_masks)
+  assert 0.0 < reference_masks.mean() < 0.5
+  error = np.linalg.norm(np.asarray(found["prototypes"]) - reference, axis=-1)
+  assert (error / np.linalg.norm(reference, axis=-1)).max() < 1e-4
+  # Per-clip heads (what "batch_mean" drew before) would cut otherwise.
+  _, per_clip_masks = public_pipeline(**clips, heads=per_clip, num_iters=3)
+  assert np.any(per_clip_masks != reference_masks)
+
+
+def test_mean_threshold_keeps_drawing_heads_per_clip():
+  teacher_out, _, clip_shape = _teacher_outputs(np.random.default_rng(12))
+  key = jax.random.PRNGKey(3)
+  found = objects.track_objects(objects.DoraOptions(num_objects=3), teacher_out, clip_shape, key)
+  np.testing.assert_array_equal(np.asarray(found["heads"]),
+                                np.asarray(tracking.choose_heads(key, 2, 6, 3)))

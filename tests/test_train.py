@@ -137,6 +137,7 @@ def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tm
 def test_run_logs_and_draws(straight_run):
   rows = metrics.read_metrics(straight_run)
   names = {"loss", "lr", "weight_decay", "teacher_momentum", "teacher_temp", "teacher_entropy",
+           "teacher_batch_entropy", "prototypes_used",
            "kl", "masked_area", "step_time", "frames_per_second"}
   assert names <= set(rows[-1])
   assert all(np.isfinite(row["loss"]) for row in rows)

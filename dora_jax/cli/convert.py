@@ -1,4 +1,5 @@
-"""dora-convert: decode videos once into TFRecord shards of JPEG frames (+ manifest.json)."""
+"""dora-convert: decode videos and images once into TFRecord shards of JPEG frames
+(+ manifest.json)."""
 import argparse
 import sys
 from typing import Sequence
@@ -9,8 +10,13 @@ from dora_jax.data import convert as convert_lib
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="dora-convert",
-      description="Decode videos once into TFRecord shards of JPEG frames (+ manifest.json).")
-  parser.add_argument("videos", nargs="+", metavar="VIDEO", help="Video files (anything FFmpeg reads).")
+      description="Decode videos and images once into TFRecord shards of JPEG frames "
+      "(+ manifest.json).")
+  parser.add_argument(
+      "inputs", nargs="+", metavar="INPUT",
+      help="Video files (anything FFmpeg reads), image folders (ROOT/IMAGE or ROOT/CLASS/IMAGE: "
+      "every image a frame, in sorted path order) or tfds:NAME:SPLIT (a tfds split prepared as "
+      "array_record), mixed as you like.")
   parser.add_argument("--out", required=True, help="Output folder for shards and manifest.json.")
   parser.add_argument("--every", type=int, default=1, help="Keep every n-th frame (default 1).")
   parser.add_argument("--short-side", type=int, default=512,
@@ -28,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   errors: list[str] = []
   try:
-    manifest = convert_lib.convert(args.videos, args.out, every=args.every, short_side=args.short_side,
+    manifest = convert_lib.convert(args.inputs, args.out, every=args.every, short_side=args.short_side,
                        quality=args.quality, frames_per_shard=args.frames_per_shard,
                        blank_threshold=args.blank_threshold, progress=not args.no_progress,
                        verify=args.verify, errors=errors)
@@ -39,12 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"dora-convert: error: {error}", file=sys.stderr)
   for video in manifest["videos"]:
     if video["complete"]:
+      unreadable = (f", {video['frames_unreadable']} unreadable skipped"
+                    if "frames_unreadable" in video else "")
       print(f"{video['id']}: {video['frames_kept']} frames kept, "
             f"{video['frames_dropped_blank']} blank dropped, {video['frames_skipped']} skipped "
-            f"(--every), {len(video['shards'])} shards")
+            f"(--every){unreadable}, {len(video['shards'])} shards")
   if errors:
-    print(f"dora-convert: {len(errors)} of {len(args.videos)} videos failed (see above); "
-          "re-run to resume", file=sys.stderr)
+    print(f"dora-convert: {len(errors)} errors for {len(args.inputs)} inputs (see above); "
+          "re-run to resume a failed input, fix an unreadable image and convert into a new --out "
+          "to include it", file=sys.stderr)
     return 1
   return 0
 

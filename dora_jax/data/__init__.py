@@ -2,7 +2,8 @@
 
 Modules:
   tfrecord   TFRecord framing + CRC32C, offset indexes and frame Examples, without TensorFlow.
-  convert    `dora-convert`: videos -> shards + manifest.json (resumable).
+  convert    `dora-convert`: videos, image folders, tfds splits -> shards + manifest.json
+             (resumable).
   synthetic  a synthetic walking tour with ground-truth object masks (tests, demo, evaluation).
   source     random access to stored frames and clips (the grain data source).
   views      the clip views of docs/DESIGN.md step 1, with numpy/PIL.

@@ -104,7 +104,7 @@ class TfdsSource:
   """A tfds split read through `tfds.data_source` (random access, no TensorFlow)."""
 
   def __init__(self, name: str, split: str, *, data_dir: str | None = None,
-               image_key: str = "image", label_key: str = "label"):
+               image_key: str = "image", label_key: str | None = "label"):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     self.name = f"{TFDS_PREFIX}{name}:{split}"
@@ -122,10 +122,11 @@ class TfdsSource:
           f"{first_line} (prepare it with `tfds build {name} --file_format=array_record`).") \
           from None
     features = self._source.dataset_info.features
-    for key in (image_key, label_key):
+    for key in (image_key, label_key) if label_key else (image_key,):
       if key not in features:
         raise SourceError(f"{self.name} has no feature {key!r} (it has {sorted(features)}).")
-    self.class_names = tuple(features[label_key].names)
+    # Without a label key (pretraining reads images only) there are no classes; labels are -1.
+    self.class_names = tuple(features[label_key].names) if label_key else ()
     self.num_classes = len(self.class_names)
     self._image_key, self._label_key = image_key, label_key
 
@@ -134,21 +135,26 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     example = self._source[index]
-    return {"image": to_rgb(example[self._image_key]), "label": int(example[self._label_key])}
+    label = int(example[self._label_key]) if self._label_key else -1
+    return {"image": to_rgb(example[self._image_key]), "label": label}
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, {len(self)} images, {self.num_classes} classes)"
 
 
-def open_source(spec: str, *, tfds_data_dir: str | None = None) -> ImageFolder | TfdsSource:
-  """`tfds:NAME:SPLIT` (NAME up to the first ':'; SPLIT may be a slice) or an image folder."""
+def open_source(spec: str, *, tfds_data_dir: str | None = None,
+                label_key: str | None = "label") -> ImageFolder | TfdsSource:
+  """`tfds:NAME:SPLIT` (NAME up to the first ':'; SPLIT may be a slice) or an image folder.
+
+  `label_key` None reads a tfds split's images without labels (label -1).
+  """
   if not spec:
     raise SourceError("the image source is empty: give an image folder or tfds:NAME:SPLIT.")
   if spec.startswith(TFDS_PREFIX):
     name, _, split = spec[len(TFDS_PREFIX):].partition(":")
     if not name or not split:
       raise SourceError(f"{spec!r}: expected tfds:NAME:SPLIT, e.g. tfds:imagenette/160px:train.")
-    return TfdsSource(name, split, data_dir=tfds_data_dir)
+    return TfdsSource(name, split, data_dir=tfds_data_dir, label_key=label_key)
   return ImageFolder(spec)
 
 

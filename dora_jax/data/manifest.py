@@ -1,8 +1,11 @@
 """`manifest.json`: what `dora-convert` stored in a data folder, and which videos a run uses.
 
 The manifest is a JSON object {"format", "options", "videos": [entry, ...]}; an entry describes
-one video: id, source, fps, frame counts, stored size, `complete`, and its shards ({"file",
-"num_records", ...}). `dora-convert` writes it (atomically, after every shard); training reads it
+one video: id, `kind`, source, fps, frame counts, stored size, `complete`, and its shards
+({"file", "num_records", ...}). `kind` is "video" (frames in time order; entries without `kind`
+are videos) or "images" (an image folder or a tfds split: every image a frame, in no time order,
+each of its own size; the entry's height and width are those of its image with the shortest
+side), which trains one frame per clip only. `dora-convert` writes it (atomically, after every shard); training reads it
 once per start.
 """
 from __future__ import annotations
@@ -14,6 +17,12 @@ from dora_jax import paths
 
 FILE_NAME = "manifest.json"
 FORMAT = "dora_jax.frames/1"  # A manifest without this tag is another dataset's.
+VIDEO, IMAGES = "video", "images"  # An entry's kind.
+
+
+def kind(entry: dict[str, Any]) -> str:
+  """VIDEO or IMAGES (entries written before images existed are videos)."""
+  return entry.get("kind", VIDEO)
 
 
 def path_of(data_dir: str) -> str:

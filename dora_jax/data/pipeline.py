@@ -68,6 +68,12 @@ def plan_clips(data_config: Any) -> ClipPlan:
     raise ValueError(f"data.frames_per_clip must be an integer >= 1, got {frames_per_clip!r}")
   if not isinstance(stride, (int, np.integer)) or stride < 1:
     raise ValueError(f"data.frame_stride must be an integer >= 1, got {stride!r}")
+  images = [v for v in videos if manifest_lib.kind(v) == manifest_lib.IMAGES]
+  if images and frames_per_clip > 1:
+    raise ValueError(
+        f"'{manifest_lib.path_of(data_dir)}' lists images, not video frames ('{images[0]['id']}'),"
+        f" and data.frames_per_clip={frames_per_clip} asks for clips of several frames; use "
+        "data.frames_per_clip=1 (config_base.dino_baseline) or select videos (data.video_ids)")
   index = source_lib.ClipIndex(tuple(int(v["num_frames"]) for v in videos), int(frames_per_clip),
                                int(stride))
   longest = max(videos, key=lambda v: v["num_frames"])
@@ -84,7 +90,7 @@ def plan_clips(data_config: Any) -> ClipPlan:
   if pre_size > min(smallest["height"], smallest["width"]):
     raise ValueError(
         f"data.global_pre_size={pre_size} is larger than the stored frames "
-        f"{smallest['width']}x{smallest['height']} (video '{smallest['id']}'); lower it or "
+        f"{smallest['width']}x{smallest['height']} (smallest of '{smallest['id']}'); lower it or "
         "re-run dora-convert with a larger --short-side")
   for key in ("global_size", "local_size"):
     if data_config[key] <= 0 or (pre_size and data_config[key] > pre_size):

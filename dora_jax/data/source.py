@@ -63,7 +63,6 @@ class FrameStore:
   def __init__(self, data_dir: str, videos: Sequence[dict[str, Any]]):
     self.data_dir = data_dir
     self.video_ids = [v["id"] for v in videos]
-    self.sizes = [(int(v["height"]), int(v["width"])) for v in videos]  # (H, W) per video
     self._shards: list[list[tfrecord.ShardReader]] = []
     self._starts: list[np.ndarray] = []  # First frame number of each shard, per video.
     self.num_frames: list[int] = []
@@ -135,7 +134,8 @@ class ClipIndex:
 class ClipSource:
   """grain RandomAccessDataSource: clip j -> {'jpegs': T JPEG bytes, 'video', 'frames', 'size'}.
 
-  'video' is the video number, 'frames' the T stored frame numbers, 'size' the stored (H, W).
+  'video' is the video number, 'frames' the T stored frame numbers, 'size' the stored (H, W) of
+  the clip's first frame (as its record says).
   """
 
   def __init__(self, data_dir: str, videos: Sequence[dict[str, Any]], frames_per_clip: int,
@@ -148,8 +148,12 @@ class ClipSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     video, frames = self.index.frames(int(index))
-    return {"jpegs": [self.store.read_jpeg(video, int(f)) for f in frames], "video": video,
-            "frames": frames, "size": self.store.sizes[video]}
+    records = [self.store.read_frame(video, int(f)) for f in frames]
+    # The size each record stores: a video's frames share one, an image folder's each have theirs
+    # (and its clips hold one frame, see `pipeline.plan_clips`).
+    size = (int(records[0]["image/height"]), int(records[0]["image/width"]))
+    return {"jpegs": [record["image/encoded"] for record in records], "video": video,
+            "frames": frames, "size": size}
 
   def __repr__(self) -> str:
     return (f"ClipSource(dir={self.store.data_dir!r}, videos={self.store.video_ids}, "

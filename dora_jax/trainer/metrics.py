@@ -1,7 +1,9 @@
 """Training metrics: TensorBoard event files, `metrics.jsonl` and a console progress bar.
 
 Everything lands in the work folder:
-  WORKDIR/metrics.jsonl   one JSON object per logged step: {"step": 50, "loss": ..., "lr": ...};
+  WORKDIR/metrics.jsonl   one JSON object per logged step: {"step": 50, "loss": ..., "lr": ...},
+                          with the teacher's collapse indicators teacher_entropy,
+                          teacher_batch_entropy and prototypes_used (`step.COLLAPSE_METRICS`);
                           the trainer adds step_time, frames_per_second, tflops and mfu (see
                           flops.py; no mfu where the device's peak is unknown), and compile_time
                           (seconds) to the first record of each start.
@@ -25,7 +27,7 @@ from dora_jax import paths
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 # Shown beside the progress bar; tflops and mfu (model FLOPs utilisation) where known.
-PROGRESS_METRICS = ("loss", "teacher_entropy", "lr", "tflops", "mfu")
+PROGRESS_METRICS = ("loss", "teacher_entropy", "prototypes_used", "lr", "tflops", "mfu")
 
 
 def _read_lines(path: str) -> list[str]:

@@ -98,6 +98,21 @@ def _flat(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[-3:])
 
 
+# How the teacher's targets spread: per sample, and over the whole global batch (in the jitted,
+# sharded step the batch axis is the global one, so XLA reduces across devices and hosts).
+COLLAPSE_METRICS = ("teacher_entropy", "teacher_batch_entropy", "prototypes_used")
+
+
+def collapse_metrics(probs: jax.Array) -> dict[str, jax.Array]:
+  """The teacher's targets (..., K) -> 'teacher_entropy' (mean per-sample entropy, nats),
+  'teacher_batch_entropy' (entropy of the batch-mean distribution, nats) and 'prototypes_used'
+  (distinct argmax prototypes over the batch). One-prototype collapse: batch entropy ~0 and one
+  prototype; uniform collapse: per-sample entropy ~log K."""
+  return dict(teacher_entropy=losses.entropy(probs),
+              teacher_batch_entropy=losses.batch_entropy(probs),
+              prototypes_used=losses.prototypes_used(probs))
+
+
 def compute_loss(config, dora: objects.DoraOptions | None, graphdef: nnx.GraphDef,
                  params: nnx.State, teacher_params: nnx.State, constants: nnx.State,
                  center: jax.Array, batch: Batch, teacher_temp: jax.Array,
@@ -111,7 +126,8 @@ def compute_loss(config, dora: objects.DoraOptions | None, graphdef: nnx.GraphDe
   crops (optional); for DINO also 'second_frames' (B, T, H, W, 3), the second global crops.
 
   aux: 'teacher_logits' (B, T, K) for DoRA, (B, T, G, K) for DINO (the centre averages them
-  all), 'teacher_entropy', 'kl', 'masked_area', 'object_overlap' (0 for DINO).
+  all), 'kl', 'masked_area', 'object_overlap' (0 for DINO) and the teacher's `COLLAPSE_METRICS`
+  (see `collapse_metrics`).
   """
   _check_batch(batch)
   teacher = nnx.merge(graphdef, teacher_params, constants)
@@ -147,11 +163,11 @@ def compute_loss(config, dora: objects.DoraOptions | None, graphdef: nnx.GraphDe
                           student_temp=config.loss.student_temp)
   aux = dict(
       teacher_logits=teacher_logits,
-      teacher_entropy=losses.entropy(probs),
       kl=losses.kl_divergence(probs[:, :, None], jax.lax.stop_gradient(masked_logits),
                               config.loss.student_temp),
       masked_area=1.0 - jnp.mean(found["visible"]),
       object_overlap=objects.object_overlap(found["masks"]),
+      **collapse_metrics(probs),
   )
   return loss, aux
 
@@ -184,11 +200,12 @@ def _dino_loss(config, teacher: dino.DinoModel, student: dino.DinoModel, center:
         [global_logits.reshape(leading + (-1,)), local_logits.reshape(crops.shape[:3] + (-1,))],
         axis=2)  # (B, T, G+M, K)
   loss = losses.dino_multicrop_loss(probs, student_logits, student_temp=config.loss.student_temp)
-  entropy = losses.entropy(probs)
+  collapse = collapse_metrics(probs)
   zero = jnp.zeros((), jnp.float32)
   # Every teacher view is in the same number of pairs, so loss - entropy is the mean KL over them.
-  aux = dict(teacher_logits=teacher_logits, teacher_entropy=entropy,
-             kl=jax.lax.stop_gradient(loss) - entropy, masked_area=zero, object_overlap=zero)
+  aux = dict(teacher_logits=teacher_logits,
+             kl=jax.lax.stop_gradient(loss) - collapse["teacher_entropy"], masked_area=zero,
+             object_overlap=zero, **collapse)
   return loss, aux
 
 
@@ -227,7 +244,7 @@ def make_train_step(config, graphdef: nnx.GraphDef
     metrics = dict(
         loss=loss,
         **{name: schedule[name] for name in schedules_lib.SCALARS},
-        teacher_entropy=aux["teacher_entropy"],
+        **{name: aux[name] for name in COLLAPSE_METRICS},
         kl=aux["kl"],
         masked_area=aux["masked_area"],
         object_overlap=aux["object_overlap"],
