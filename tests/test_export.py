@@ -20,7 +20,7 @@ from dora_jax.models import vit
 from dora_jax import pretrained
 from dora_jax.pretrained import export
 from dora_jax.pretrained import torch_checkpoint
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
 from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -393,11 +393,11 @@ def saved_run(tmp_path_factory):
       lambda leaf: (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
       if jnp.issubdtype(leaf.dtype, jnp.floating) else np.zeros(leaf.shape, leaf.dtype), abstract)
   workdir = str(tmp_path_factory.mktemp("run"))
-  manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=1)
+  manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=1)
   manager.save(5, state, {"position": 0})
   manager.wait_until_finished()
   manager.close()
-  checkpoints.write_config(workdir, config)
+  checkpoint.write_config(workdir, config)
   return workdir, train_step.teacher_backbone(graphdef, jax.tree.map(jnp.asarray, state))
 
 
