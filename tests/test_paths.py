@@ -19,7 +19,6 @@ from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import pipeline
 from dora_jax.data import synthetic
 from dora_jax import paths
-from dora_jax.pretrained import backbone as pretrained_backbone
 from dora_jax import checkpoint
 from dora_jax.trainer import metrics
 from dora_jax.trainer import pictures
@@ -66,8 +65,8 @@ def test_metrics_config_and_pictures_in_a_bucket(tmp_path, monkeypatch):
     picture = np.zeros((8, 8, 3), np.uint8)
     pictures.save_picture(paths.join(workdir, "p.png"), picture)
     # A run folder and its checkpoints/STEP folders are recognised on a URL too.
-    assert pretrained_backbone._resolve_run(workdir) == (workdir, workdir + "/checkpoints", None)
-    assert pretrained_backbone._resolve_run(workdir + "/checkpoints/7") == (
+    assert checkpoint.resolve_run(workdir) == (workdir, workdir + "/checkpoints", None)
+    assert checkpoint.resolve_run(workdir + "/checkpoints/7") == (
         workdir, workdir + "/checkpoints", 7)
     with pytest.raises(preflight.ConfigError, match="must be local"):
       preflight.data_config_for(ml_collections.ConfigDict(

@@ -99,7 +99,7 @@ def _run_step(path: str) -> int | None:
 
 def export_run(checkpoint: str, out_dir: str, *, torch_out: str | None = None) -> dict:
   """The teacher backbone of a `dora-train` run -> `out_dir` (and a `.pth` state dict)."""
-  from dora_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from dora_jax.checkpoint import errors  # pylint: disable=g-import-not-at-top
   from dora_jax import pretrained  # pylint: disable=g-import-not-at-top
 
   out_dir = export.check_new_folder(out_dir)
@@ -110,8 +110,8 @@ def export_run(checkpoint: str, out_dir: str, *, torch_out: str | None = None) -
     torch_checkpoint.import_torch(f"--torch-out {torch_out}")
   try:
     backbone = pretrained.load_backbone(checkpoint)
-  except (FileNotFoundError, checkpoint.CheckpointMismatchError,
-          checkpoint.CheckpointDamagedError) as e:
+  except (FileNotFoundError, errors.CheckpointMismatchError,
+          errors.CheckpointDamagedError) as e:
     raise _Error(str(e)) from None
   if export.is_exported(checkpoint):  # load_backbone reads exported folders too.
     source = export.read_description(checkpoint)["source"]

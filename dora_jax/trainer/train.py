@@ -14,7 +14,8 @@
               last good checkpoint. This module gives it only what is DoRA's: the state, the
               update, the clips, the evaluators, the pictures.
 
-The work folder is locked (`checkpoint.run_lock`) for the whole run: a second run on it stops at once.
+The work folder is locked (`checkpoint.run_lock`) for the whole run: a second run on it stops at
+once.
 """
 from absl import logging
 import jax
