@@ -422,6 +422,28 @@ def test_run_exports_its_teacher(saved_run, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "x")
 
 
+def test_load_backbone_reads_the_teacher_once_and_nothing_else(saved_run, monkeypatch):
+  """One orbax read, of the teacher's arrays only (verified against their checksums on the way),
+  gives the teacher the run saved."""
+  from dora_jax.checkpoint import manager  # pylint: disable=g-import-not-at-top
+  run_dir, teacher = saved_run
+  reads = []
+  restore = manager.ocp.CheckpointManager.restore
+
+  def counted(self, step, *args, **kwargs):
+    restored = restore(self, step, *args, **kwargs)
+    reads.append(restored["state"])
+    return restored
+
+  monkeypatch.setattr(manager.ocp.CheckpointManager, "restore", counted)
+  loaded = pretrained.load_backbone(run_dir)
+  assert len(reads) == 1 and list(reads[0]) == ["teacher"]
+  images = _images(3)
+  expected, got = _outputs(teacher, images), _outputs(loaded, images)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name])
+
+
 def test_run_to_pytorch_loads_strictly_with_equal_outputs(saved_run, tmp_path, capsys):
   torch = pytest.importorskip("torch")
   run_dir, teacher = saved_run
