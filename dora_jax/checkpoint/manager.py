@@ -266,12 +266,13 @@ def read_state(checkpoint_dir: str, step: int | None = None, abstract: Any = Non
     if part is not None:
       what = f"the {part!r} part of the state"
       prefix = part + "/"
+      parts = sorted({path.split("/")[0] for path in saved})
       saved = {path[len(prefix):]: shape for path, shape in saved.items()
                if path.startswith(prefix)}
       if not saved:
         raise errors.CheckpointMismatchError(
-            f"checkpoint {step} in {checkpoint_dir} has no {part!r} in its state: it is not a "
-            "checkpoint of the kind asked for.")
+            f"checkpoint {step} in {checkpoint_dir} has no {part!r} in its state (it holds "
+            f"{', '.join(parts)}): pass a checkpoint of the kind that has one.")
     if abstract is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       tree = _state_tree(manager, step)
