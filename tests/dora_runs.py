@@ -101,7 +101,7 @@ def save_untrained_run(workdir):
   built in memory, to compare with what the command loads."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top
 
   config = load_config(DEMO_CONFIG)
@@ -110,12 +110,11 @@ def save_untrained_run(workdir):
   config.data.global_size = 16
   graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
   state = dict(state, student=jax.tree.map(jnp.zeros_like, state["student"]))
-  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
-                                          keep=1)
+  checkpointer = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=1)
   checkpointer.save(1, state, {})
   checkpointer.wait_until_finished()
   checkpointer.close()
-  checkpoints.write_config(workdir, config)
+  checkpoint.write_config(workdir, config)
   return train_step.teacher_backbone(graphdef, state)
 
 

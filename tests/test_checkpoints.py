@@ -15,9 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dora_jax import checkpoint
+from dora_jax.checkpoint import checksums
+from dora_jax.checkpoint import items
 from dora_jax import pretrained
-from dora_jax.trainer import checkpoint_items
-from dora_jax.trainer import checkpoints
 from dora_jax.trainer import sharding
 from dora_runs import DEMO_CONFIG, demo_flags, start_dora_train
 
@@ -55,7 +56,7 @@ _MASK = (1 << 32) - 1
 
 
 def _numpy_checksum(x: np.ndarray) -> str:
-  """The checksum of `checkpoint_items._array_checksum`, in NumPy on 64-bit integers."""
+  """The checksum of `checksums._array_checksum`, in NumPy on 64-bit integers."""
   x = np.asarray(x)
   if x.dtype == np.bool_:
     words = x.astype(np.uint64)
@@ -71,7 +72,7 @@ def _numpy_checksum(x: np.ndarray) -> str:
     return v ^ (v >> 16)
 
   lanes = [int(np.sum(mix((words + mix(position ^ seed)) & _MASK))) & _MASK
-           for seed in checkpoint_items._CHECKSUM_SEEDS]
+           for seed in checksums._CHECKSUM_SEEDS]
   return "".join(f"{lane:08x}" for lane in lanes)
 
 
@@ -85,7 +86,7 @@ def test_checksums_equal_a_numpy_reference():
       "mask": rng.random(size=(9,)) > 0.5,
       "scalar": np.int32(-7),
   }
-  record = checkpoint_items.array_record({name: jnp.asarray(x) for name, x in arrays.items()})
+  record = checksums.array_record({name: jnp.asarray(x) for name, x in arrays.items()})
   for name, x in arrays.items():
     assert record[name]["checksum"] == _numpy_checksum(np.asarray(x)), name
     assert record[name]["shape"] == list(np.shape(x))
@@ -94,7 +95,7 @@ def test_checksums_equal_a_numpy_reference():
 
 def test_checksum_sees_damage_and_not_the_sharding():
   x = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
-  checksum = lambda a: checkpoint_items.array_record({"x": a})["x"]["checksum"]
+  checksum = lambda a: checksums.array_record({"x": a})["x"]["checksum"]
   reference = checksum(jnp.asarray(x))
   damaged = []
   flipped = x.copy()
@@ -151,7 +152,7 @@ def _delete_metadata(step_dir):
 
 
 def _garble_checksums(step_dir):
-  open(os.path.join(step_dir, "checksums", checkpoints.CHECKSUMS_FILE), "w").write("{")
+  open(os.path.join(step_dir, "checksums", checksums.CHECKSUMS_FILE), "w").write("{")
 
 
 DAMAGE = {
@@ -160,7 +161,7 @@ DAMAGE = {
     "truncated array file": (_truncate, "cannot read it (OUT_OF_RANGE"),
     "garbled data state": (_garble_data_state, "data/process_0-of-1.json is not valid JSON"),
     "deleted _METADATA": (_delete_metadata, "state/_METADATA is missing or unreadable"),
-    "garbled checksums": (_garble_checksums, f"checksums/{checkpoints.CHECKSUMS_FILE} is not "
+    "garbled checksums": (_garble_checksums, f"checksums/{checksums.CHECKSUMS_FILE} is not "
                                              "valid JSON"),
 }
 
@@ -169,7 +170,7 @@ DAMAGE = {
 def two_checkpoints(tmp_path):
   """Checkpoints 1 and 2 of toy states in tmp_path/ckpt."""
   directory = str(tmp_path / "ckpt")
-  manager = checkpoints.Checkpointer(directory, keep=3)
+  manager = checkpoint.Checkpointer(directory, keep=3)
   for step in (1, 2):
     manager.save(step, _state(step), {"position": step})
   manager.close()
@@ -181,8 +182,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(two_checkpoints,
   damage, message = DAMAGE[kind]
   damage(os.path.join(two_checkpoints, "2"))
   mesh = _mesh()
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
-  with pytest.raises(checkpoints.CheckpointDamagedError) as error:
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
+  with pytest.raises(checkpoint.CheckpointDamagedError) as error:
     manager.restore(2, _abstract(_state(0), mesh))
   assert str(error.value).startswith(f"checkpoint 2 in {two_checkpoints} is damaged: {message}")
   assert "\n" not in str(error.value)
@@ -206,8 +207,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(two_checkpoints,
 def test_no_intact_checkpoint_is_one_line_and_moves_nothing(two_checkpoints):
   _flip_bits(os.path.join(two_checkpoints, "2"))
   _delete_metadata(os.path.join(two_checkpoints, "1"))
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
-  with pytest.raises(checkpoints.CheckpointDamagedError) as error:
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
+  with pytest.raises(checkpoint.CheckpointDamagedError) as error:
     manager.restore_latest(_abstract(_state(0), _mesh()))
   manager.close()
   message = str(error.value)
@@ -219,8 +220,8 @@ def test_no_intact_checkpoint_is_one_line_and_moves_nothing(two_checkpoints):
 
 def test_another_model_is_a_mismatch_not_damage(two_checkpoints):
   other = dict(_state(0), student={"kernel": jnp.zeros((64, 32)), "bias": jnp.zeros((32,))})
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
-  with pytest.raises(checkpoints.CheckpointMismatchError,
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
+  with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"different model: student/bias has shape \(96,\)"):
     manager.restore_latest(_abstract(other, _mesh()))
   manager.close()
@@ -229,7 +230,7 @@ def test_another_model_is_a_mismatch_not_damage(two_checkpoints):
 
 def test_checksums_describe_what_was_saved_although_the_state_moves_on(tmp_path):
   """The next step donates the state's buffers while the asynchronous save still writes them."""
-  manager = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+  manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=3)
   state = jax.device_put(_state(5))
   saved = jax.device_get(state)
   manager.save(5, state, {"position": 5})
@@ -247,16 +248,16 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
   def no_space(self, directory, args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
-  monkeypatch.setattr(checkpoint_items.DataStateHandler, "save", no_space)
-  with pytest.raises(checkpoints.CheckpointSaveError) as error:
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
+  monkeypatch.setattr(items.DataStateHandler, "save", no_space)
+  with pytest.raises(checkpoint.CheckpointSaveError) as error:
     manager.save(3, _state(3), {"position": 3})
   monkeypatch.undo()
   manager.close()
   assert str(error.value) == (
       f"saving checkpoint 3 to {two_checkpoints} failed: No space left on device; the last "
       "complete checkpoint is step 2. Free some space and run the same command again to resume.")
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
   assert manager.all_steps() == [1, 2]
   state, _ = manager.restore_latest(_abstract(_state(0), _mesh()))
   manager.close()
@@ -272,16 +273,16 @@ def test_checkpoint_without_checksums_is_restored_with_a_warning(two_checkpoints
   metadata["custom_metadata"] = {}
   metadata["item_handlers"].pop("checksums")
   json.dump(metadata, open(metadata_file, "w"))
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
   state, _ = manager.restore_latest(_abstract(_state(0), _mesh()))
   manager.close()
   _assert_equal(state, _state(2))
   assert "Checkpoint 2 in" in caplog.text and "has no checksums" in caplog.text
   # A checkpoint that says it has checksums but lost them is damaged, not old.
   shutil.rmtree(os.path.join(two_checkpoints, "1", "checksums"))
-  manager = checkpoints.Checkpointer(two_checkpoints, keep=3)
-  with pytest.raises(checkpoints.CheckpointDamagedError,
-                     match=f"checkpoint 1 .* is damaged: checksums/{checkpoints.CHECKSUMS_FILE} "
+  manager = checkpoint.Checkpointer(two_checkpoints, keep=3)
+  with pytest.raises(checkpoint.CheckpointDamagedError,
+                     match=f"checkpoint 1 .* is damaged: checksums/{checksums.CHECKSUMS_FILE} "
                            "is missing"):
     manager.restore(1, _abstract(_state(0), _mesh()))
   manager.close()
@@ -306,21 +307,21 @@ def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp
   process = start_dora_train(args, env)
   _, stderr = process.communicate(timeout=600)
   assert process.returncode == 0, stderr[-3000:]
-  checkpoint_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   assert sorted(os.listdir(checkpoint_dir)) == ["4", "8"]
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
 
   # load_backbone: a damaged teacher is an error, never NaN features.
-  _flip_bits_everywhere(os.path.join(copy, checkpoints.CHECKPOINT_DIR, "8"))
-  with pytest.raises(checkpoints.CheckpointDamagedError) as error:
+  _flip_bits_everywhere(os.path.join(copy, checkpoint.CHECKPOINT_DIR, "8"))
+  with pytest.raises(checkpoint.CheckpointDamagedError) as error:
     pretrained.load_backbone(copy)
   assert str(error.value).startswith(
-      f"checkpoint 8 in {copy}/{checkpoints.CHECKPOINT_DIR} is damaged: ")
+      f"checkpoint 8 in {copy}/{checkpoint.CHECKPOINT_DIR} is damaged: ")
   assert "\n" not in str(error.value)
 
   # dora-train: 8 bytes flipped in the largest file -> reported, set aside, resumed from step 4.
-  record = open(os.path.join(checkpoint_dir, "8", "checksums", checkpoints.CHECKSUMS_FILE)).read()
+  record = open(os.path.join(checkpoint_dir, "8", "checksums", checksums.CHECKSUMS_FILE)).read()
   _flip_bits(os.path.join(checkpoint_dir, "8"))
   process = start_dora_train(args, env)  # The same command.
   _, stderr = process.communicate(timeout=600)
@@ -336,7 +337,7 @@ def test_training_falls_back_and_load_backbone_refuses_damage(data_dir, env, tmp
   assert sorted(os.listdir(checkpoint_dir)) == ["4", "8", "8.damaged"]
   # Steps 5-8 again, from the same state and data position: the arrays saved before the damage.
   assert open(os.path.join(checkpoint_dir, "8", "checksums",
-                           checkpoints.CHECKSUMS_FILE)).read() == record
+                           checksums.CHECKSUMS_FILE)).read() == record
 
 
 # ---- Keep-n, bitwise restore and shape checks on a toy state. ----
@@ -358,7 +359,7 @@ def _toy_state(seed=0, width=3):
 
 def test_checkpointer_keeps_last_and_restores_bitwise(tmp_path):
   mesh = sharding.make_mesh(_mesh_config())
-  manager = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2)
   states = {step: _toy_state(step) for step in (1, 2, 3)}
   for step, state in states.items():
     manager.save(step, state, {"position": step, "epoch": 0})
@@ -376,10 +377,10 @@ def test_checkpointer_keeps_last_and_restores_bitwise(tmp_path):
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
   mesh = sharding.make_mesh(_mesh_config())
-  manager = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2)
   manager.save(5, _toy_state(5, width=3), {})
   manager.wait_until_finished()
-  with pytest.raises(checkpoints.CheckpointMismatchError,
+  with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"different model: student/kernel has shape \(4, 3\) in the "
                            r"checkpoint but \(4, 6\)"):
     manager.restore(5, _abstract(_toy_state(0, width=6), mesh))
@@ -387,8 +388,51 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
 
 
 def test_describe_mismatch_reports_missing_and_extra():
-  assert checkpoint_items.describe_mismatch({"a": (1,)}, {"a": (1,)}) is None
-  assert "not in the checkpoint (e.g. b)" in checkpoint_items.describe_mismatch(
+  assert checksums.describe_mismatch({"a": (1,)}, {"a": (1,)}) is None
+  assert "not in the checkpoint (e.g. b)" in checksums.describe_mismatch(
       {"a": (1,)}, {"a": (1,), "b": (2,)})
-  assert "this config does not (e.g. c)" in checkpoint_items.describe_mismatch(
+  assert "this config does not (e.g. c)" in checksums.describe_mismatch(
       {"a": (1,), "c": (2,)}, {"a": (1,)})
+
+
+# ---- read_state: one verified read of a whole state or of one part, lists included. ----
+
+
+def test_read_state_reads_an_optimizer_chain_whole_or_in_part_and_finds_damage(tmp_path):
+  """A fine-tuning state: its optimizer state is a chain (tuples, saved as lists, and empty
+  states). read_state reads it as saved, whole or one part, bitwise; damage is an error."""
+  import optax  # pylint: disable=g-import-not-at-top
+  params = _state(1)["student"]
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  state = {"step": jnp.int32(7), "head": params, "opt_state": optimizer.init(params),
+           "rng": jax.random.key_data(jax.random.key(0))}
+  directory = str(tmp_path / "ckpt")
+  manager = checkpoint.Checkpointer(directory, keep=2)
+  manager.save(7, state, {"position": 3})
+  manager.wait_until_finished()
+  manager.close()
+
+  step, whole = checkpoint.read_state(directory)
+  assert step == 7
+  assert checksums.array_record(whole) == checksums.array_record(state)
+  _assert_equal(whole["opt_state"], state["opt_state"])
+  _, opt_state = checkpoint.read_state(directory, 7, part="opt_state")
+  assert checksums.array_record({"opt_state": opt_state}) == checksums.array_record(
+      {"opt_state": state["opt_state"]})
+  # Into a given abstract tree (shardings set): the shapes are checked before anything is read.
+  abstract = _abstract(params, _mesh())
+  _, head = checkpoint.read_state(directory, 7, abstract, part="head")
+  _assert_equal(head, params)
+  wider = _abstract(_state(1) | {"student": {"kernel": jnp.zeros((64, 97))}}, _mesh())["student"]
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"'head' part .* kernel has shape"):
+    checkpoint.read_state(directory, 7, wider, part="head")
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="has no 'teacher' in its state"):
+    checkpoint.read_state(directory, 7, part="teacher")
+  with pytest.raises(FileNotFoundError, match=f"{directory} holds no finished checkpoint for "
+                                              "step 8"):
+    checkpoint.read_state(directory, 8)
+
+  _flip_bits(os.path.join(directory, "7"))
+  with pytest.raises(checkpoint.CheckpointDamagedError,
+                     match=f"checkpoint 7 in {directory} is damaged: "):
+    checkpoint.read_state(directory)

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from dora_jax.cli import train as main
-from dora_jax.trainer import checkpoints
-from dora_jax.trainer import lock as workdir_lock
+from dora_jax import checkpoint
+from dora_jax.checkpoint import lock as workdir_lock
 from dora_jax.trainer import preflight
 from dora_jax.trainer import runner
 from dora_runs import DEMO_CONFIG, ROOT, demo_config, demo_flags
@@ -120,7 +120,7 @@ def test_full_disk_during_a_save(data_dir, env, tmp_path):
   if not _can_mount_tmpfs(tmp_path):
     pytest.skip("cannot mount a tmpfs here (no unprivileged user namespaces)")
   workdir = tmp_path / "run"
-  checkpoint_dir = workdir / checkpoints.CHECKPOINT_DIR
+  checkpoint_dir = workdir / checkpoint.CHECKPOINT_DIR
   checkpoint_dir.mkdir(parents=True)
   args = ["--config", DEMO_CONFIG, "--workdir", str(workdir)] + demo_flags(
       data_dir, checkpoint_every_steps=4, picture_every_steps=0)

@@ -15,7 +15,7 @@ from dora_jax.evaluation import davis
 from dora_jax.evaluation import knn
 from dora_jax.evaluation import track
 from dora_jax import objects
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,10 +159,10 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, data, tmp_path, capsys):
   # A checkpoint of another model: its config says a wider ViT than the arrays hold.
   other = tmp_path / "other"
   os.makedirs(other)
-  os.symlink(os.path.join(run_dir, checkpoints.CHECKPOINT_DIR), other / checkpoints.CHECKPOINT_DIR)
-  config = json.loads(open(os.path.join(run_dir, checkpoints.CONFIG_FILE)).read())
+  os.symlink(os.path.join(run_dir, checkpoint.CHECKPOINT_DIR), other / checkpoint.CHECKPOINT_DIR)
+  config = json.loads(open(os.path.join(run_dir, checkpoint.CONFIG_FILE)).read())
   config["model"]["dim"] = 64
-  (other / checkpoints.CONFIG_FILE).write_text(json.dumps(config))
+  (other / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
   code, _, err = _main(["knn", "--checkpoint", str(other), "--train", str(data / "train"),
                         "--val", str(data / "val"), "--out", str(out)], capsys)
   assert code == 2 and f"cannot load --checkpoint {other}" in err and "has shape" in err

@@ -20,7 +20,7 @@ from dora_jax.models import vit
 from dora_jax import pretrained
 from dora_jax.pretrained import export
 from dora_jax.pretrained import torch_checkpoint
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
 from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -393,11 +393,11 @@ def saved_run(tmp_path_factory):
       lambda leaf: (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
       if jnp.issubdtype(leaf.dtype, jnp.floating) else np.zeros(leaf.shape, leaf.dtype), abstract)
   workdir = str(tmp_path_factory.mktemp("run"))
-  manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=1)
+  manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=1)
   manager.save(5, state, {"position": 0})
   manager.wait_until_finished()
   manager.close()
-  checkpoints.write_config(workdir, config)
+  checkpoint.write_config(workdir, config)
   return workdir, train_step.teacher_backbone(graphdef, jax.tree.map(jnp.asarray, state))
 
 
@@ -420,6 +420,28 @@ def test_run_exports_its_teacher(saved_run, tmp_path, capsys):
   code, _, stderr = _run_cli(capsys, "--checkpoint", str(tmp_path), "--out", tmp_path / "x")
   assert code == 2 and "is not a dora-train work folder" in stderr
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_load_backbone_reads_the_teacher_once_and_nothing_else(saved_run, monkeypatch):
+  """One orbax read, of the teacher's arrays only (verified against their checksums on the way),
+  gives the teacher the run saved."""
+  from dora_jax.checkpoint import manager  # pylint: disable=g-import-not-at-top
+  run_dir, teacher = saved_run
+  reads = []
+  restore = manager.ocp.CheckpointManager.restore
+
+  def counted(self, step, *args, **kwargs):
+    restored = restore(self, step, *args, **kwargs)
+    reads.append(restored["state"])
+    return restored
+
+  monkeypatch.setattr(manager.ocp.CheckpointManager, "restore", counted)
+  loaded = pretrained.load_backbone(run_dir)
+  assert len(reads) == 1 and list(reads[0]) == ["teacher"]
+  images = _images(3)
+  expected, got = _outputs(teacher, images), _outputs(loaded, images)
+  for name in expected:
+    np.testing.assert_array_equal(got[name], expected[name])
 
 
 def test_run_to_pytorch_loads_strictly_with_equal_outputs(saved_run, tmp_path, capsys):

@@ -6,6 +6,7 @@ Ctrl-C exits 130 keeping its checkpoints, a work folder in a cloud bucket).
 The runs train a tiny exported ViT (dim 32, depth 2, 4-px patches) on 16-px views of a small
 image folder the test makes (three colour classes), for 12 steps of 8 images over 4 fake devices.
 """
+import glob
 import importlib.util
 import json
 import os
@@ -35,7 +36,8 @@ from dora_jax.finetune import train
 from dora_jax.models import vit
 from dora_jax import pretrained
 from dora_jax.pretrained import export
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
+from dora_jax.checkpoint import checksums
 from dora_jax.trainer import metrics
 from dora_jax.trainer import runner
 from dora_jax.trainer import sharding
@@ -138,7 +140,7 @@ def _final_state(workdir, config):
                                     p, r), params, jax.random.PRNGKey(0))
   mesh = sharding.make_mesh(config.mesh)
   abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
-  manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=5)
+  manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=5)
   step = manager.latest_step()
   state, data_state = manager.restore(step, abstract)
   manager.close()
@@ -180,7 +182,7 @@ def test_run_learns_and_resumes_exactly(images, backbone, mode, init, tmp_path, 
     patch.setattr(metrics.MetricWriter, "write_scalars", write_and_signal)
     interrupted = train.run(config, resumed)
   assert interrupted["steps"] == 0 and not os.path.exists(os.path.join(resumed, "results.json"))
-  assert os.listdir(os.path.join(resumed, checkpoints.CHECKPOINT_DIR)) == [
+  assert os.listdir(os.path.join(resumed, checkpoint.CHECKPOINT_DIR)) == [
       str(INTERRUPT_AFTER + 1)]
   assert train.run(config, resumed) == results
 
@@ -201,6 +203,22 @@ def test_run_learns_and_resumes_exactly(images, backbone, mode, init, tmp_path, 
   exported = jax.tree.leaves(nnx.state(pretrained.load_backbone(backbone)))
   same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), exported)]
   assert len(same) == len(exported) and (all(same) if init == "pretrained" else not any(same))
+
+  # A fine-tuning checkpoint (its optimizer state holds lists) is read and verified like a
+  # dora-train one: the same arrays as the restore above; damage is an error, not wrong weights.
+  step_c, state_c = checkpoint.read_state(checkpoint.checkpoint_dir(straight))
+  assert step_c == TOTAL_STEPS
+  assert checksums.array_record(state_c) == checksums.array_record(state_a)
+  step_dir = os.path.join(checkpoint.checkpoint_dir(straight), str(TOTAL_STEPS))
+  for path in glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")):
+    data = bytearray(open(path, "rb").read())
+    for i in range(100, len(data), 256):
+      data[i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+  with pytest.raises(checkpoint.CheckpointDamagedError,
+                     match=f"checkpoint {TOTAL_STEPS} in {checkpoint.checkpoint_dir(straight)} "
+                           "is damaged: "):
+    checkpoint.read_state(checkpoint.checkpoint_dir(straight))
 
 
 # ---- The optimisers against NumPy float64. ----
@@ -489,7 +507,7 @@ def test_no_input_worker_outlives_a_sigkill(images, backbone, tmp_path, env):
 def test_ctrl_c_exits_130_and_keeps_an_intact_checkpoint(images, backbone, tmp_path, env):
   process, workdir, config = _start_command(images, backbone, tmp_path, env,
                                             checkpoint_every_steps=2)
-  checkpoint_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   saved = lambda: [int(name) for name in (os.listdir(checkpoint_dir) if os.path.isdir(
       checkpoint_dir) else []) if name.isdigit()]  # orbax renames a step's folder when done.
   try:
@@ -525,13 +543,13 @@ def test_work_folder_in_a_bucket(images, backbone, tmp_path, monkeypatch):
   root.mkdir()
   monkeypatch.setattr(metrics.tensorboardX, "SummaryWriter", dora_runs.NoTensorBoard)
   orbax_folders = []
-  open_checkpointer = checkpoints.Checkpointer.__init__
+  open_checkpointer = checkpoint.Checkpointer.__init__
 
   def checkpointer_on_disk(self, directory, **kwargs):
     orbax_folders.append(directory)
     open_checkpointer(self, str(root / directory[len(BUCKET) + 1:]), **kwargs)
 
-  monkeypatch.setattr(checkpoints.Checkpointer, "__init__", checkpointer_on_disk)
+  monkeypatch.setattr(checkpoint.Checkpointer, "__init__", checkpointer_on_disk)
   config = _config(images, backbone, "linear")
   workdir = f"{BUCKET}/probe"
   with dora_runs.fake_bucket(str(root), local_paths=True) as opened:
@@ -541,17 +559,17 @@ def test_work_folder_in_a_bucket(images, backbone, tmp_path, monkeypatch):
     monkeypatch.setattr(flags.FLAGS["verbose"], "value", False)
     log = runner.write_log(finetune_cli.PROGRAM, RuntimeError("lost the bucket"))
   assert results["steps"] == TOTAL_STEPS and results["val_accuracy"] > 0.6
-  assert orbax_folders == [f"{workdir}/{checkpoints.CHECKPOINT_DIR}"] * 2
+  assert orbax_folders == [f"{workdir}/{checkpoint.CHECKPOINT_DIR}"] * 2
   local = root / "probe"
   assert json.loads((local / train.RESULTS_FILE).read_text()) == results
-  assert json.loads((local / train.CONFIG_FILE).read_text())["mode"] == "linear"
+  assert json.loads((local / checkpoint.FINETUNE_CONFIG_FILE).read_text())["mode"] == "linear"
   rows = [json.loads(line) for line in (local / metrics.METRICS_FILE).read_text().splitlines()]
   assert [row["step"] for row in rows] == list(range(1, TOTAL_STEPS + 1))
   assert log == f"{workdir}/{finetune_cli.PROGRAM.log_file}"
   assert "RuntimeError: lost the bucket" in (local / finetune_cli.PROGRAM.log_file).read_text()
-  for name in (metrics.METRICS_FILE, train.RESULTS_FILE, train.CONFIG_FILE):
+  for name in (metrics.METRICS_FILE, train.RESULTS_FILE, checkpoint.FINETUNE_CONFIG_FILE):
     assert f"{workdir}/{name}" in opened
-  assert sorted(os.listdir(local / checkpoints.CHECKPOINT_DIR)) == ["12", "6"]
+  assert sorted(os.listdir(local / checkpoint.CHECKPOINT_DIR)) == ["12", "6"]
 
 
 # ---- Configs. ----

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_config
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
 from dora_jax.trainer import sharding
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
@@ -112,7 +112,7 @@ def test_fsdp_steps_equal_data_parallel_and_large_arrays_are_split(setup, data_p
 
 def test_checkpoint_written_on_one_mesh_restores_onto_another(setup, data_parallel, tmp_path):
   state, shardings, _ = _run(setup, 2, 2, steps=2)
-  manager = checkpoints.Checkpointer(str(tmp_path / "ckpt"), keep=1)
+  manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=1)
   manager.save(2, state, {"position": 2})
   manager.wait_until_finished()
   # Restored onto a (1, 4) mesh, one more step there ends where data parallelism does.

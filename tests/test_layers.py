@@ -16,11 +16,12 @@ LAYERS = {
     # The method and its contract: pure kernels, the loss, config keys, paths.
     0: ("dora_jax", "dora_jax.tracking", "dora_jax.losses", "dora_jax.config_base",
         "dora_jax.paths"),
-    1: ("dora_jax.models", "dora_jax.data"),  # Know nothing of training; data never imports jax.
+    1: ("dora_jax.models", "dora_jax.data",  # Know nothing of training; data never imports jax.
+        "dora_jax.checkpoint"),  # The run folder: checkpoints, their checksums, lock, config file.
     2: ("dora_jax.objects",),  # DoRA's views from any teacher's outputs (kernels + the ViT).
     3: ("dora_jax.evaluation",),  # Takes a backbone; knows nothing of training.
     4: ("dora_jax.trainer",),  # Runs the evaluators during pretraining.
-    5: ("dora_jax.pretrained",),  # Reads the trainer's checkpoints.
+    5: ("dora_jax.pretrained",),  # Reads a run's teacher (through dora_jax.checkpoint).
     6: ("dora_jax.finetune",),
     7: ("dora_jax.cli",),  # One module per console script.
 }
@@ -132,3 +133,35 @@ def test_data_package_never_imports_jax():
                      [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
           assert not any(m == "jax" or m.startswith(("jax.", "flax", "optax", "orbax"))
                          for m in modules), f"data/{name} imports {modules}"
+
+
+def test_only_the_checkpoint_package_imports_orbax():
+  """One owner of the run folder: whatever reads or writes orbax files goes through it."""
+  importers = []
+  for directory, _, files in os.walk(PACKAGE_DIR):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        with open(path) as f:
+          tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+          modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+          if any(m == "orbax" or m.startswith("orbax.") for m in modules):
+            importers.append(_module_name(path))
+  assert importers and all(m.startswith("dora_jax.checkpoint.") for m in importers), importers
+
+
+def test_loading_an_encoder_does_not_import_the_trainer():
+  """load_backbone and the exported folders take the model's shapes from dora_jax.models and
+  read through dora_jax.checkpoint: nothing of the trainer (directly or through another module)."""
+  graph = _graph()
+  reached, todo = set(), ["dora_jax.pretrained"]
+  while todo:
+    for target in graph[todo.pop()]:
+      if target not in reached:
+        reached.add(target)
+        todo.append(target)
+  assert "dora_jax.pretrained.backbone" in reached
+  trainer = sorted(m for m in reached if m.startswith(("dora_jax.trainer", "dora_jax.finetune")))
+  assert not trainer, f"dora_jax.pretrained imports {trainer}"

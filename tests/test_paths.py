@@ -19,8 +19,7 @@ from dora_jax.data import manifest as manifest_lib
 from dora_jax.data import pipeline
 from dora_jax.data import synthetic
 from dora_jax import paths
-from dora_jax.pretrained import backbone as pretrained_backbone
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
 from dora_jax.trainer import metrics
 from dora_jax.trainer import pictures
 from dora_jax.trainer import preflight
@@ -61,13 +60,13 @@ def test_metrics_config_and_pictures_in_a_bucket(tmp_path, monkeypatch):
     assert [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir)] == [
         (1, 1.0), (2, 0.5), (3, 9.0)]
     config = config_base.get_base_config()
-    checkpoints.write_config(workdir, config)
-    assert checkpoints.read_config(workdir).model.variant == config.model.variant
+    checkpoint.write_config(workdir, config)
+    assert checkpoint.read_config(workdir).model.variant == config.model.variant
     picture = np.zeros((8, 8, 3), np.uint8)
     pictures.save_picture(paths.join(workdir, "p.png"), picture)
     # A run folder and its checkpoints/STEP folders are recognised on a URL too.
-    assert pretrained_backbone._resolve_run(workdir) == (workdir, workdir + "/checkpoints", None)
-    assert pretrained_backbone._resolve_run(workdir + "/checkpoints/7") == (
+    assert checkpoint.resolve_run(workdir) == (workdir, workdir + "/checkpoints", None)
+    assert checkpoint.resolve_run(workdir + "/checkpoints/7") == (
         workdir, workdir + "/checkpoints", 7)
     with pytest.raises(preflight.ConfigError, match="must be local"):
       preflight.data_config_for(ml_collections.ConfigDict(

@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 
 from dora_jax import pretrained
-from dora_jax.trainer import checkpoints
+from dora_jax import checkpoint
 from dora_jax.trainer import metrics
 from dora_jax.trainer import preflight
 from dora_jax.trainer import sharding
@@ -80,7 +80,7 @@ def straight_run(launched):
 
 
 def _final_state(workdir, config):
-  manager = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.CHECKPOINT_DIR), keep=10)
+  manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=10)
   step = manager.latest_step()
   _, abstract = train_step.abstract_train_state(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -114,7 +114,7 @@ def test_sigterm_and_resume_equal_a_straight_run(data_dir, env, straight_run, tm
   interrupted_at = int(reported[0])
   assert every < interrupted_at < total
   saved = sorted(int(name) for name in os.listdir(
-      os.path.join(workdir, checkpoints.CHECKPOINT_DIR)) if name.isdigit())
+      os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) if name.isdigit())
   assert saved == [every, interrupted_at], "the SIGTERM checkpoint is not the step reported"
 
   run_to_end(args, env)  # The same command again: resumes.
@@ -194,7 +194,7 @@ def test_checkpoint_of_another_model_stops_the_run(data_dir, straight_run, tmp_p
   workdir = str(tmp_path / "copy")
   shutil.copytree(straight_run, workdir)
   before = _tree(workdir)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match="different model"):
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="different model"):
     train.train_and_evaluate(demo_config(data_dir, **RUN, **{"model.dim": 48}), workdir)
   assert _tree(workdir) == before
 
@@ -223,20 +223,18 @@ def dino_run(launched):
 
 def test_dino_baseline_runs_the_same_loop_without_tracking(data_dir, dino_run):
   workdir, _, _ = dino_run
-  config = json.load(open(os.path.join(workdir, checkpoints.CONFIG_FILE)))
+  config = json.load(open(os.path.join(workdir, checkpoint.CONFIG_FILE)))
   assert config["dora"]["enabled"] is False and config["model"]["dim"] == TINY["model.dim"]
   rows = metrics.read_metrics(workdir)
   assert [row["step"] for row in rows] == list(range(1, 10))
   assert all(row["masked_area"] == 0.0 for row in rows)  # The student sees whole frames.
   assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in rows)
-  assert "8" in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
+  assert "8" in os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
   # The run's mesh was 2 x 2 and its larger arrays were split over 'fsdp': the shardings the
   # arrays had when the run saved them (orbax's metadata of the checkpoint), not ones made here.
-  manager = checkpoints.open_read_only(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
-  metadata = manager.item_metadata(8)["state"]
-  manager.close()
+  metadata = checkpoint.state_metadata(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), 8)
   split = whole = 0
-  for leaf in jax.tree.leaves(metadata.tree if hasattr(metadata, "tree") else metadata):
+  for leaf in jax.tree.leaves(metadata):
     assert dict(zip(leaf.sharding.axis_names, leaf.sharding.shape)) == {"data": 2, "fsdp": 2}
     spec = tuple(leaf.sharding.partition_spec)
     size = int(np.prod(leaf.shape, dtype=np.int64))
@@ -255,7 +253,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(dino_run):
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("dora-train: error: the parameters are not finite at step 10: "
                          "stopping. The last good checkpoint is step 8"), last
-  assert os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)) == ["8"]
+  assert os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) == ["8"]
   assert max(row["step"] for row in metrics.read_metrics(workdir)) == 9
 
 
@@ -372,7 +370,7 @@ def test_two_processes_equal_one_process(data_dir, env, straight_run, tmp_path):
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
   total = TINY["total_steps"]
-  step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(total))
+  step_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(total))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(
       os.path.join(step_dir, "data")))
   rows = metrics.read_metrics(workdir)
@@ -423,10 +421,10 @@ def test_sigterm_to_one_of_two_processes_saves_everywhere_and_resumes(data_dir, 
   first[1][0].send_signal(signal.SIGTERM)  # Only process 1 is told.
   for process, log in first:
     assert process.wait(timeout=600) == 0, open(log).read()[-3000:]
-  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR))
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
                  if n.isdigit())
   assert saved and saved[-1] < total  # Stopped early, at a step both processes saved.
-  step_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR, str(saved[-1]), "data")
+  step_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(saved[-1]), "data")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
   for process, log in start(portpicker.pick_unused_port(), total):
     assert process.wait(timeout=600) == 0, open(log).read()[-3000:]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dora_jax.trainer import lock as workdir_lock
+from dora_jax.checkpoint import lock as workdir_lock
 
 
 def _write_lock(workdir, age_seconds=0.0, **holder):

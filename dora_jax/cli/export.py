@@ -87,19 +87,19 @@ def import_torch_checkpoint(file: str, out_dir: str, *, variant: str, key: str |
 
 def _run_step(path: str) -> int | None:
   """The checkpoint step `load_backbone(path)` reads: STEP of a step folder, else the latest."""
-  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
   path = os.path.abspath(path)
   if os.path.basename(path).isdigit():
     return int(os.path.basename(path))
-  folder = os.path.join(path, checkpoints.CHECKPOINT_DIR)
+  folder = checkpoint.checkpoint_dir(path)
   steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
   return max(steps, default=None)
 
 
 def export_run(checkpoint: str, out_dir: str, *, torch_out: str | None = None) -> dict:
   """The teacher backbone of a `dora-train` run -> `out_dir` (and a `.pth` state dict)."""
-  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from dora_jax.checkpoint import errors  # pylint: disable=g-import-not-at-top
   from dora_jax import pretrained  # pylint: disable=g-import-not-at-top
 
   out_dir = export.check_new_folder(out_dir)
@@ -110,8 +110,8 @@ def export_run(checkpoint: str, out_dir: str, *, torch_out: str | None = None) -
     torch_checkpoint.import_torch(f"--torch-out {torch_out}")
   try:
     backbone = pretrained.load_backbone(checkpoint)
-  except (FileNotFoundError, checkpoints.CheckpointMismatchError,
-          checkpoints.CheckpointDamagedError) as e:
+  except (FileNotFoundError, errors.CheckpointMismatchError,
+          errors.CheckpointDamagedError) as e:
     raise _Error(str(e)) from None
   if export.is_exported(checkpoint):  # load_backbone reads exported folders too.
     source = export.read_description(checkpoint)["source"]

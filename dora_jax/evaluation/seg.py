@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from PIL import Image
 import tqdm
 
+from dora_jax import checkpoint
 from dora_jax.evaluation import davis
 from dora_jax.evaluation import features as features_lib
 from dora_jax.evaluation import registry
@@ -265,10 +265,7 @@ def predict(encoder: features_lib.Encoder, graphdef: nnx.GraphDef, state: nnx.St
 
 def save_readout(path: str, state: nnx.State) -> None:
   """The readout's parameters and BatchNorm statistics (a flax.nnx pure dict), orbax."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), nnx.to_pure_dict(state), force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  checkpoint.save_pytree(path, nnx.to_pure_dict(state), overwrite=True)
 
 
 def evaluate_seg(backbone: Callable[..., dict[str, jax.Array]] | nnx.Module, train, val,

@@ -37,17 +37,15 @@ from dora_jax.finetune import data as data_lib
 from dora_jax.finetune import model as model_lib
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax import checkpoint
 from dora_jax import paths
 from dora_jax import pretrained
 from dora_jax.pretrained import export
-from dora_jax.trainer import checkpoints as checkpoints_lib
 from dora_jax.trainer import flops as flops_lib
-from dora_jax.trainer import lock as workdir_lock
 from dora_jax.trainer import loop
 from dora_jax.trainer import metrics as metrics_lib
 from dora_jax.trainer import sharding as sharding_lib
 
-CONFIG_FILE = "finetune_config.json"  # Not config.json: this folder is no dora-train run.
 RESULTS_FILE = "results.json"
 COMPARISON_FILE = "comparison.json"
 RANDOM_INIT_DIR = "random_init"
@@ -60,7 +58,7 @@ def load_initial_backbone(config: ml_collections.ConfigDict, recipe: model_lib.R
   path."""
   try:
     loaded = pretrained.load_backbone(config.backbone.path)
-  except (FileNotFoundError, checkpoints_lib.CheckpointMismatchError, export.ExportError) as e:
+  except (FileNotFoundError, checkpoint.CheckpointMismatchError, export.ExportError) as e:
     raise checks.ConfigError(f"config backbone.path: {e}") from None
   dtype = dino.compute_dtype(config.backbone.compute_dtype)
   backbone = model_lib.with_drop_path(loaded, recipe.drop_path_rate, dtype)
@@ -227,17 +225,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Raises:
     checks.ConfigError: bad input, found before anything is written or compiled.
-    checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
+    checkpoint.CheckpointMismatchError: the work folder holds a checkpoint of another model.
     loop.NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-    workdir_lock.WorkdirLockedError: another live run uses `workdir`.
-    checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
-    checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
+    checkpoint.WorkdirLockedError: another live run uses `workdir`.
+    checkpoint.CheckpointDamagedError: it holds checkpoints, but none is intact.
+    checkpoint.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
   workdir = paths.absolute(workdir)
   # 1. Checks; then the work folder is ours (one run per folder, as dora-train).
   checks.check_config(config)
   checks.check_workdir(workdir)
-  with workdir_lock.run_lock(workdir, command="dora-finetune"):
+  with checkpoint.run_lock(workdir, command="dora-finetune"):
     return _train_locked(config, workdir)
 
 
@@ -273,8 +271,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                      in_shardings=(state_sharding, batch_sharding), out_shardings=replicated)
 
   # 4. Restore or initialise.
-  checkpointer = checkpoints_lib.Checkpointer(
-      paths.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
+                                         keep=config.keep_checkpoints)
   state, data_state, start_step = loop.restore_or_init(
       checkpointer, abstract_state, state_sharding,
       lambda: jax.jit(init, out_shardings=state_sharding)(
@@ -289,8 +287,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if data_state is not None:
     data_iter.set_state(data_state)
   if jax.process_index() == 0:
-    paths.makedirs(workdir)
-    write_json(paths.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+    checkpoint.write_config(workdir, config, file=checkpoint.FINETUNE_CONFIG_FILE)
 
   # 5. The loop (trainer/loop.py), with validation every `eval_every_epochs` and at the end.
   def eval_due(step: int) -> bool:

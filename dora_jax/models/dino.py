@@ -89,3 +89,30 @@ def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
       bottleneck_dim=model_config.head_bottleneck_dim, num_layers=model_config.head_layers,
       norm_last_layer=model_config.norm_last_layer, dtype=dtype, rngs=rngs)
   return DinoModel(backbone, head)
+
+
+def split_model(model: DinoModel) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, parameters, constants): the parameters (nnx.Param) are what the student trains
+  and the teacher averages; the constants are the model's other variables (may be empty)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def abstract_model(model_config, *, img_size: int) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """`split_model` of `build_model(model_config, img_size=...)` as jax.ShapeDtypeStructs: the
+  shapes of the student's or teacher's state (e.g. to read a run's teacher), nothing allocated."""
+  graphdefs = []
+
+  def init(rng: jax.Array) -> tuple[nnx.State, nnx.State]:
+    graphdef, params, constants = split_model(
+        build_model(model_config, img_size=img_size, rngs=nnx.Rngs(params=rng)))
+    graphdefs.append(graphdef)
+    return params, constants
+
+  params, constants = jax.eval_shape(init, jax.random.PRNGKey(0))
+  return graphdefs[0], params, constants
+
+
+def backbone_of(graphdef: nnx.GraphDef, params: nnx.State, constants: nnx.State
+                ) -> VisionTransformer:
+  """The ViT of a split `DinoModel` (e.g. the teacher's parameters of a train state)."""
+  return nnx.merge(graphdef, params, constants).backbone

@@ -3,13 +3,15 @@
     DIR/dora_backbone.json   {"format": "dora_jax.backbone", "version": 1, "variant": "S/16",
                               "dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16,
                               "img_size": 224, "source": {...where the weights came from...}}
-    DIR/params/              the `VisionTransformer`'s parameters (flax.nnx pure dict), orbax
+    DIR/params/              the `VisionTransformer`'s parameters (flax.nnx pure dict),
+                             written by `checkpoint.save_pytree` (orbax)
 
 `dora-export` writes it (from a PyTorch `.pth` or from a `dora-train` run); `load_exported`, and so
 `load_backbone(DIR)`, reads it back as a ready `VisionTransformer`. "variant" is the name of the
 size in `vit.VARIANTS`, or null for a custom size (the four size keys always say it exactly).
 
-This module depends on the model only (not on the trainer), so loading an encoder stays light.
+This module depends on the model and the checkpoint package only (not on the trainer), so
+loading an encoder stays light.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
+from dora_jax import checkpoint
 from dora_jax.models import vit
 
 DESCRIPTION_FILE = "dora_backbone.json"
@@ -94,11 +96,8 @@ def write_exported(backbone: vit.VisionTransformer, directory: str,
   `save_exported`). Returns the description written.
   """
   description = describe(backbone, source)
-  params = nnx.to_pure_dict(nnx.state(backbone))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  checkpoint.save_pytree(os.path.join(os.path.abspath(directory), PARAMS_DIR),
+                         nnx.to_pure_dict(nnx.state(backbone)))
   with open(os.path.join(directory, DESCRIPTION_FILE), "w") as f:
     json.dump(description, f, indent=2)
     f.write("\n")
@@ -169,24 +168,13 @@ def load_exported(path: str, *, dtype: Any = jnp.float32,
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nnx.to_pure_dict(state))
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    saved = checkpointer.metadata(params_dir).item_metadata
-    problem = _shape_mismatch(_shapes(saved), _shapes(target))
-    if problem:
-      raise ExportError(f"the parameters in {params_dir} do not match "
-                        f"{DESCRIPTION_FILE}: {problem}; export it again.")
-    params = checkpointer.restore(params_dir, target)
-  finally:
-    checkpointer.close()
+  problem = _shape_mismatch(checkpoint.saved_shapes(params_dir), checkpoint.shapes_of(target))
+  if problem:
+    raise ExportError(f"the parameters in {params_dir} do not match "
+                      f"{DESCRIPTION_FILE}: {problem}; export it again.")
+  params = checkpoint.restore_pytree(params_dir, target)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
-          for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _shape_mismatch(saved: dict[str, tuple[int, ...]],

@@ -1,13 +1,13 @@
-"""The trainer: what turns a config and a data folder into checkpoints.
+"""The trainer: what turns a config and a data folder into checkpoints (written through
+`dora_jax.checkpoint`, the run folder's owner).
 
   train             `train_and_evaluate`: DoRA/DINO pretraining, read top to bottom.
-  loop              the loop dora-train and dora-finetune share (`Job`, `run`, `restore_or_init`).
+  loop              the loop dora-train and dora-finetune share (`Job`, `run`, `restore_or_init`,
+                    `Preemption`: SIGTERM and Ctrl-C at a step boundary).
   runner            their command line: flags, jax.distributed, one-line errors, exit codes, log.
   step              the train state, the loss of a batch, the jitted update.
   preflight         every check before anything is written or compiled; the run plan.
   optim, schedules  AdamW with the decay mask and the frozen last layer; per-step schedules.
-  checkpoints       orbax save/restore with verified fallback (+ `checkpoint_items`).
-  lock              one run per work folder.
   sharding          the ('data', 'fsdp') mesh, the state's and the batch's shardings.
   metrics           metrics.jsonl, TensorBoard, the progress bar.
   compilation       the persistent compilation cache and the timed compile of the step.

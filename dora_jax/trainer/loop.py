@@ -14,14 +14,16 @@ A program builds its state, its jitted update, its input and its evaluation, and
   finite     the metrics are fetched at log and save steps; a non-finite loss or state stops the
              run (`NonFiniteLossError`) before that state is saved, keeping the last good
              checkpoint.
-  save       when the job says, at the last step, and on SIGTERM (`checkpoints.Preemption`: on
-             several processes all of them agree on the step), which saves and returns.
+  save       when the job says, at the last step, and on SIGTERM or Ctrl-C (`Preemption`: at a
+             step boundary; on several processes all of them agree on the step), which saves
+             and returns.
   close      saves in flight finish, then the checkpointer, the signal handler, the metric writer
              and the input workers are closed, also when the run fails.
 """
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from typing import Any, Callable
 
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dora_jax.trainer import checkpoints as checkpoints_lib
+from dora_jax import checkpoint
 from dora_jax.trainer import compilation
 from dora_jax.trainer import flops as flops_lib
 from dora_jax.trainer import metrics as metrics_lib
@@ -104,20 +106,61 @@ def with_finite_check(step_fn: Callable, trained: Callable[[Any], Any]) -> Calla
   return step
 
 
-def restore_or_init(checkpointer: checkpoints_lib.Checkpointer, abstract_state: Any,
+def restore_or_init(checkpointer: checkpoint.Checkpointer, abstract_state: Any,
                     state_sharding: Any, initialise: Callable[[], Any]
                     ) -> tuple[Any, dict | None, int]:
   """(state, data-iterator state or None, start step): the newest intact checkpoint, or
   `initialise()` (a fresh state with `state_sharding`) when there is none.
 
   Raises:
-    checkpoints.CheckpointMismatchError, checkpoints.CheckpointDamagedError: as
+    checkpoint.CheckpointMismatchError, checkpoint.CheckpointDamagedError: as
       `Checkpointer.restore_latest`.
   """
   restored = checkpointer.restore_latest(
       sharding_lib.with_shardings(abstract_state, state_sharding))
   state, data_state = restored if restored is not None else (initialise(), None)
   return state, data_state, int(jax.device_get(state["step"]))
+
+
+class Preemption:
+  """SIGTERM (a preempted VM, `scancel`) or Ctrl-C asks the loop to save and stop.
+
+  Both are handled at a step boundary, so that the signal never lands inside a save (an orbax
+  save cut by a KeyboardInterrupt could leave its commit thread waited on forever); after a
+  Ctrl-C the loop saves, closes everything and raises KeyboardInterrupt (exit 130). A second
+  Ctrl-C stops at once. With several processes jax's preemption service, which handles SIGTERM
+  itself, makes the hosts agree on the step at which all of them save; Ctrl-C keeps Python's
+  default there.
+  """
+
+  def __init__(self, checkpointer: checkpoint.Checkpointer):
+    self._checkpointer = checkpointer
+    self._requested = False
+    self.interrupted = False  # Ctrl-C asked for the stop.
+    self._previous = {}
+    if jax.process_count() == 1:
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_interrupt)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def _handle_interrupt(self, signum, frame):
+    del signum, frame
+    if self.interrupted:
+      raise KeyboardInterrupt
+    self.interrupted = self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    return self._checkpointer.reached_preemption(step)
+
+  def close(self) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, dict] | None:
@@ -128,7 +171,7 @@ def _first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, dict] | Non
 
 
 def _non_finite_error(bad: tuple[int, dict],
-                      checkpointer: checkpoints_lib.Checkpointer) -> NonFiniteLossError:
+                      checkpointer: checkpoint.Checkpointer) -> NonFiniteLossError:
   bad_step, bad_metrics = bad
   what = (f"the loss is {float(bad_metrics['loss'])}" if not np.isfinite(bad_metrics["loss"])
           else "the parameters are not finite")
@@ -143,7 +186,7 @@ def _non_finite_error(bad: tuple[int, dict],
 
 
 def run(job: Job, *, state: Any, start_step: int, data_iter: Any,
-        checkpointer: checkpoints_lib.Checkpointer) -> tuple[Any, dict[str, float]]:
+        checkpointer: checkpoint.Checkpointer) -> tuple[Any, dict[str, float]]:
   """Runs `job` from `start_step` to its end, or to SIGTERM or Ctrl-C (both save the step they
   reach; Ctrl-C then raises KeyboardInterrupt); returns (state, last record).
 
@@ -153,13 +196,13 @@ def run(job: Job, *, state: Any, start_step: int, data_iter: Any,
   Raises:
     KeyboardInterrupt: after Ctrl-C, once the step it reached is saved and everything closed.
     NonFiniteLossError: the loss or the state became NaN/inf (the last good checkpoint is kept).
-    checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
+    checkpoint.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
   total_steps = job.total_steps
   is_primary = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(job.workdir, start_step=start_step, total_steps=total_steps,
                                     enabled=is_primary)
-  preemption = checkpoints_lib.Preemption(checkpointer)
+  preemption = Preemption(checkpointer)
   history = []  # (step, metrics on the device) since the last fetch; fetched in one go.
   last_metrics = {}
   timer_start, timer_steps = None, 0

@@ -294,8 +294,7 @@ def _main(program: Program, argv: list[str]) -> None:
               if variable in os.environ}
     jax.distributed.initialize(**counts)
   # Imported after jax.distributed: nothing may touch the devices before it.
-  from dora_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
-  from dora_jax.trainer import lock as workdir_lock  # pylint: disable=g-import-not-at-top
+  from dora_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from dora_jax.trainer import loop  # pylint: disable=g-import-not-at-top
   from dora_jax.trainer import preflight  # pylint: disable=g-import-not-at-top
 
@@ -308,12 +307,12 @@ def _main(program: Program, argv: list[str]) -> None:
       log = write_log(program, None)
       print(f"{program.name}: warning: {_RECORDER.stray_errors} errors in background threads"
             + (f", written to {log}" if log else ""), file=sys.stderr)
-  except (preflight.ConfigError, checkpoints.CheckpointMismatchError,
-          workdir_lock.WorkdirLockedError) as e:
+  except (preflight.ConfigError, checkpoint.CheckpointMismatchError,
+          checkpoint.WorkdirLockedError) as e:
     fail(program, str(e), 2)  # Found before anything was written.
   except loop.NonFiniteLossError as e:
     fail(program, str(e), 1)
-  except (checkpoints.CheckpointSaveError, checkpoints.CheckpointDamagedError) as e:
+  except (checkpoint.CheckpointSaveError, checkpoint.CheckpointDamagedError) as e:
     fail_with_log(program, str(e), e, 1)
   except KeyboardInterrupt as e:
     fail_with_log(program, "interrupted (Ctrl-C); run the same command again to resume from the "

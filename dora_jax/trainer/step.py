@@ -53,7 +53,7 @@ def init_train_state(config, *, rng: jax.Array) -> tuple[nnx.GraphDef, TrainStat
   def init(rng: jax.Array) -> TrainState:
     init_rng, step_rng = jax.random.split(rng)
     model = build_model(config, nnx.Rngs(params=init_rng))
-    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
+    graphdef, params, constants = dino.split_model(model)
     graphdefs.append(graphdef)
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -308,4 +308,4 @@ def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
 
 def teacher_backbone(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
   """The teacher's ViT of a train state, as a module callable on images."""
-  return nnx.merge(graphdef, state["teacher"], state["constants"]).backbone
+  return dino.backbone_of(graphdef, state["teacher"], state["constants"])

@@ -14,7 +14,8 @@
               last good checkpoint. This module gives it only what is DoRA's: the state, the
               update, the clips, the evaluators, the pictures.
 
-The work folder is locked (`workdir_lock`) for the whole run: a second run on it stops at once.
+The work folder is locked (`checkpoint.run_lock`) for the whole run: a second run on it stops at
+once.
 """
 from absl import logging
 import jax
@@ -23,11 +24,10 @@ import numpy as np
 
 from dora_jax.data import pipeline
 from dora_jax.evaluation import periodic
+from dora_jax import checkpoint
 from dora_jax import paths
-from dora_jax.trainer import checkpoints as checkpoints_lib
 from dora_jax.trainer import compilation
 from dora_jax.trainer import flops as flops_lib
-from dora_jax.trainer import lock as workdir_lock
 from dora_jax.trainer import loop
 from dora_jax.trainer import metrics as metrics_lib
 from dora_jax.trainer import pictures
@@ -44,17 +44,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Raises:
     preflight.ConfigError: bad input, found before anything is written or compiled.
-    checkpoints.CheckpointMismatchError: the work folder holds a checkpoint of another model.
+    checkpoint.CheckpointMismatchError: the work folder holds a checkpoint of another model.
     loop.NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-    workdir_lock.WorkdirLockedError: another live run uses `workdir`.
-    checkpoints.CheckpointDamagedError: it holds checkpoints, but none is intact.
-    checkpoints.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
+    checkpoint.WorkdirLockedError: another live run uses `workdir`.
+    checkpoint.CheckpointDamagedError: it holds checkpoints, but none is intact.
+    checkpoint.CheckpointSaveError: a save failed (e.g. a full disk); older checkpoints stay.
   """
   # ---- Checks: nothing is written or compiled before they pass; then the folder is ours. ----
   workdir = paths.absolute(workdir)
   preflight.check_config(config)
   preflight.check_workdir(workdir)
-  with workdir_lock.run_lock(workdir, command="dora-train"):
+  with checkpoint.run_lock(workdir, command="dora-train"):
     return _train_locked(config, workdir)
 
 
@@ -96,8 +96,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     unrolled = jit_update(unrolled_config, train_step.abstract_train_state(unrolled_config)[0])
 
   # ---- Checkpoint: restore the latest, or initialise. ----
-  checkpointer = checkpoints_lib.Checkpointer(
-      paths.join(workdir, checkpoints_lib.CHECKPOINT_DIR), keep=config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
+                                         keep=config.keep_checkpoints)
   init = jax.jit(lambda rng: train_step.init_train_state(config, rng=rng)[1],
                  out_shardings=state_sharding)
   state, data_state, start_step = loop.restore_or_init(
@@ -111,7 +111,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if data_state is not None:
     data_iter.set_state(data_state)
   if is_primary:
-    checkpoints_lib.write_config(workdir, config)
+    checkpoint.write_config(workdir, config)
 
   # ---- The loop (trainer/loop.py): DoRA's step, evaluators, pictures. ----
   job = loop.Job(

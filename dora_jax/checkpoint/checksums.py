@@ -1,9 +1,10 @@
-"""What a checkpoint holds beside the train state, and how its arrays are compared.
+"""The checksums of a checkpoint's arrays, their file, and the comparison of shapes.
 
-The data iterator's position (one JSON file per process) and the checksums of the saved arrays
-are small orbax items of their own; `checkpoints.Checkpointer` saves and restores them with the
-state. The checksum of an array is computed on the device from the arrays orbax saves, and is
-the same whatever the array's sharding. The shape helpers compare a checkpoint with a model.
+`array_record` computes, on the device, a checksum of every array orbax saves; the same whatever
+the array's sharding, so a checkpoint restored onto another mesh still verifies. The record is
+a small orbax item of its own (checkpoints/STEP/checksums/array_checksums.json), written with
+the state; a restore compares the arrays it read with it (`differing_arrays`). `flat_shapes` and
+`describe_mismatch` compare a checkpoint with a model.
 """
 import dataclasses
 import json
@@ -15,95 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dora_jax.checkpoint import errors
+from dora_jax.checkpoint import items
+
 CHECKSUMS_FILE = "array_checksums.json"
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint in the work folder does not fit the model of the current config."""
-
-
-class _DamagedFile(Exception):
-  """What is wrong with one file of a checkpoint; the caller names the step."""
-
-
-def _first_line(error: BaseException, limit: int = 300) -> str:
-  """The first line of the innermost error behind `error` (orbax wraps tensorstore's)."""
-  while not isinstance(error, _DamagedFile) and (error.__cause__ or error.__context__):
-    error = error.__cause__ or error.__context__
-  lines = str(error).strip().splitlines()
-  line = lines[0].strip() if lines else type(error).__name__
-  return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-# ---- The data iterator's state: one small JSON file per process. ----
-
-
-def _data_state_file(directory: epath.Path, process_index: int, process_count: int) -> epath.Path:
-  return directory / f"process_{process_index}-of-{process_count}.json"
-
-
-class _SmallItemHandler(ocp.CheckpointHandler):
-  """A small JSON item: no metadata, nothing to finalise or close (subclasses save/restore)."""
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-class DataStateHandler(_SmallItemHandler):
-  """Saves each process's input-iterator state (a JSON-able dict) beside the arrays.
-
-  Every process writes its own file: the hosts read different clips, so their positions differ.
-  """
-
-  def save(self, directory: epath.Path, args: "DataStateSave") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = _data_state_file(directory, jax.process_index(), jax.process_count())
-    path.write_text(json.dumps(args.state))
-
-  def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None) -> dict:
-    path = _data_state_file(directory, jax.process_index(), jax.process_count())
-    if not path.exists():
-      written = sorted(p.name for p in directory.glob("process_*.json"))
-      if not written:
-        raise _DamagedFile(f"{directory.name}/{path.name} is missing")
-      raise CheckpointMismatchError(
-          f"{path} does not exist (the checkpoint holds {written}): resume with the number of "
-          f"processes that wrote it.")
-    return _read_json(path)
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-  state: dict
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-  pass
-
-
-def _read_json(path: epath.Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    raise _DamagedFile(f"{path.parent.name}/{path.name} is missing") from None
-  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError.
-    raise _DamagedFile(
-        f"{path.parent.name}/{path.name} is not valid JSON ({_first_line(e)})") from None
 
 
 # ---- Checksums of the saved arrays: a small JSON item beside `state` and `data`. ----
 
 
-class ChecksumsHandler(_SmallItemHandler):
+class ChecksumsHandler(items.JsonItemHandler):
   """Writes (process 0) and reads the record of `array_record`."""
 
   def save(self, directory: epath.Path, args: "ChecksumsSave") -> None:
@@ -114,9 +36,9 @@ class ChecksumsHandler(_SmallItemHandler):
       (directory / CHECKSUMS_FILE).write_text(f'{{"arrays": {{\n{arrays}\n}}}}\n')
 
   def restore(self, directory: epath.Path, args: "ChecksumsRestore | None" = None) -> dict:
-    record = _read_json(directory / CHECKSUMS_FILE)
+    record = items.read_json(directory / CHECKSUMS_FILE)
     if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
-      raise _DamagedFile(f"{directory.name}/{CHECKSUMS_FILE} holds no array checksums")
+      raise errors.DamagedFileError(f"{directory.name}/{CHECKSUMS_FILE} holds no array checksums")
     return record
 
 
@@ -195,7 +117,7 @@ def array_record(tree: Any) -> dict[str, dict]:
           for (path, leaf), checksum in zip(leaves, sums)}
 
 
-def _differing_arrays(saved: dict[str, dict], restored: dict[str, dict]) -> str | None:
+def differing_arrays(saved: dict[str, dict], restored: dict[str, dict]) -> str | None:
   """A one-line description of restored arrays that differ from the saved record, or None."""
   differing = sorted(path for path, entry in restored.items()
                      if saved.get(path, {}).get("checksum") != entry["checksum"])
@@ -226,7 +148,8 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
-def _record_shapes(record: dict) -> dict[str, tuple[int, ...]]:
+def record_shapes(record: dict) -> dict[str, tuple[int, ...]]:
+  """The shapes a checksum record lists, as `flat_shapes` gives them."""
   return {path: tuple(entry["shape"]) for path, entry in record["arrays"].items()}
 
 

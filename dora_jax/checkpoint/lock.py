@@ -1,6 +1,6 @@
 """One run per work folder: a lock file that names its holder, with a heartbeat.
 
-  with workdir_lock.WorkdirLock("/ckpt/venice", command="dora-train"):
+  with lock.WorkdirLock("/ckpt/venice", command="dora-train"):
     ...  # A second WorkdirLock on the folder raises WorkdirLockedError meanwhile.
 
 WORKDIR/dora.lock holds the holder's host, pid and command (JSON). It is created exclusively
