@@ -37,7 +37,7 @@ from dora_jax import pretrained
 from dora_jax.pretrained import export
 from dora_jax.trainer import checkpoints
 from dora_jax.trainer import metrics
-from dora_jax.trainer import runner
+from dora_jax.cli import runner
 from dora_jax.trainer import sharding
 import dora_runs
 from dora_runs import set_key
