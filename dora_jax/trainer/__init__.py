@@ -2,9 +2,9 @@
 
   train             `train_and_evaluate`: DoRA/DINO pretraining, read top to bottom.
   loop              the loop dora-train and dora-finetune share (`Job`, `run`, `restore_or_init`).
-  runner            their command line: flags, jax.distributed, one-line errors, exit codes, log.
   step              the train state, the loss of a batch, the jitted update.
-  preflight         every check before anything is written or compiled; the run plan.
+  plan              `TrainPlan`: the config's model, DoRA and mesh sections, parsed once.
+  preflight         every check before anything is written or compiled; the data plan.
   optim, schedules  AdamW with the decay mask and the frozen last layer; per-step schedules.
   checkpoints       orbax save/restore with verified fallback (+ `checkpoint_items`).
   lock              one run per work folder.
