@@ -42,7 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config backbone.path is empty: pass --config.backbone.path=PATH (a "
                       "dora-train work folder, its checkpoints/STEP, or a dora-export folder).")
   try:
-    sharding_lib.mesh_shape(config.mesh, num_devices)
+    sharding_lib.MeshPlan.from_config(config.mesh).shape(num_devices)
     dino.compute_dtype(config.backbone.compute_dtype)
   except ValueError as e:
     raise ConfigError(str(e)) from None

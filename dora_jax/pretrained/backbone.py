@@ -13,6 +13,7 @@ from dora_jax import paths
 from dora_jax.pretrained import export
 from dora_jax.trainer import checkpoint_items
 from dora_jax.trainer import checkpoints
+from dora_jax.trainer import plan as train_plan
 from dora_jax.trainer import step as train_step
 
 
@@ -63,7 +64,8 @@ def load_backbone(path: str):
     raise FileNotFoundError(f"{checkpoint_dir} holds no finished checkpoint"
                             + (f" for step {step}" if step is not None else "") + ".")
   checkpoints.verify_step(checkpoint_dir, step, "teacher")
-  graphdef, abstract_state = train_step.abstract_train_state(config)
+  graphdef, abstract_state = train_step.abstract_train_state(
+      config, train_plan.TrainPlan.from_config(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract_teacher = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
