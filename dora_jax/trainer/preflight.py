@@ -39,9 +39,15 @@ class RunPlan:
   total_steps: int
 
 
-def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
-  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker;
-  returns the run's plan (the model, DoRA and mesh sections, parsed once)."""
+def check_run_keys(config: ml_collections.ConfigDict, *,
+                   min_checkpoint_every_steps: int = 1) -> None:
+  """Checks the keys dora-train and dora-finetune share (config_base.add_run_length_keys and
+  add_mesh_and_cadence_keys): the mesh, the batch, the cadences, the run length.
+
+  Args:
+    min_checkpoint_every_steps: 1, or 0 where 0 means "at validations and the end only"
+      (dora-finetune).
+  """
   num_devices, num_processes = jax.device_count(), jax.process_count()
   try:
     sharding.MeshPlan.from_config(config.mesh).shape(num_devices)
@@ -58,6 +64,19 @@ def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
   if config.batch_size % num_processes:
     raise ConfigError(f"config batch_size={config.batch_size} does not divide over the "
                       f"{num_processes} processes.")
+  for key, minimum in (("checkpoint_every_steps", min_checkpoint_every_steps),
+                       ("log_every_steps", 1)):
+    if config[key] < minimum:
+      raise ConfigError(f"config {key}={config[key]}: must be at least {minimum}.")
+  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
+    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
+                      "total_steps > 0, or total_steps=0 and epochs > 0.")
+
+
+def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
+  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker;
+  returns the run's plan (the model, DoRA and mesh sections, parsed once)."""
+  check_run_keys(config)
   if config.dora.enabled:
     if config.data.frames_per_clip < 2:
       raise ConfigError(
@@ -83,12 +102,6 @@ def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
     raise ConfigError(
         f"config data.global_pre_size={config.data.global_pre_size} is smaller than "
         f"data.global_size={config.data.global_size}: the global views are cut from it.")
-  for key in ("checkpoint_every_steps", "log_every_steps"):
-    if config[key] < 1:
-      raise ConfigError(f"config {key}={config[key]}: must be at least 1.")
-  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
-    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
-                      "total_steps > 0, or total_steps=0 and epochs > 0.")
   return plan
 
 
