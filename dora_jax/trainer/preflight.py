@@ -77,7 +77,11 @@ def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
   """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker;
   returns the run's plan (the model, DoRA and mesh sections, parsed once)."""
   check_run_keys(config)
-  if config.dora.enabled:
+  try:
+    plan = plan_lib.TrainPlan.from_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if plan.dora_enabled:
     if config.data.frames_per_clip < 2:
       raise ConfigError(
           f"config data.frames_per_clip={config.data.frames_per_clip}: must be at least 2 "
@@ -90,10 +94,6 @@ def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
   elif config.data.global_crops_per_frame == 1 and config.data.num_local_crops == 0:
     raise ConfigError("config dora.enabled=False (DINO) with data.global_crops_per_frame=1 and "
                       "data.num_local_crops=0 leaves no pair of different views to learn from.")
-  try:
-    plan = plan_lib.TrainPlan.from_config(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
   for key in ("global_size", "local_size"):
     if config.data[key] % plan.model.size.patch_size:
       raise ConfigError(f"config data.{key}={config.data[key]} is not a multiple of the patch "
