@@ -27,6 +27,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dora_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dora_jax.trainer import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -38,7 +39,8 @@ def main() -> None:
   config.batch_size = ARGS.clips_per_device * ARGS.devices
   config.data.frames_per_clip = ARGS.frames
   config.data.num_local_crops = ARGS.local_crops
-  graphdef, abstract = train_step.abstract_train_state(config)
+  plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, abstract = train_step.abstract_train_state(config, plan)
   schedule = schedules.make_schedules(config, steps_per_epoch=100, total_steps=1000).at(0)
   size, crop = config.data.global_size, config.data.local_size
   batch_shape = (config.batch_size, ARGS.frames)
@@ -55,7 +57,7 @@ def main() -> None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict(
         {"data": ARGS.devices // fsdp, "fsdp": fsdp}))
     state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    step = jax.jit(train_step.make_train_step(config, graphdef),
+    step = jax.jit(train_step.make_train_step(config, plan, graphdef),
                    in_shardings=(state_sharding, sharding.batch_sharding(mesh),
                                  sharding.replicated(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)),

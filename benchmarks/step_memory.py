@@ -13,6 +13,7 @@ import jax
 
 from dora_jax import config_base
 from dora_jax.trainer import compilation
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
@@ -41,14 +42,15 @@ def main(argv):
     config.data.num_local_crops = _LOCAL.value
     config.dora.enabled = _DORA.value
     config.dora.mask_mode = "keep"
-    graphdef, state = train_step.abstract_train_state(config)
+    plan = plan_lib.TrainPlan.from_config(config)
+    graphdef, state = train_step.abstract_train_state(config, plan)
     size, small = config.data.global_size, config.data.local_size
     batch = {
         "frames": jax.ShapeDtypeStruct((_CLIPS.value, _FRAMES.value, size, size, 3), "uint8"),
         "crops": jax.ShapeDtypeStruct(
             (_CLIPS.value, _FRAMES.value, _LOCAL.value, small, small, 3), "uint8"),
     }
-    step = jax.jit(train_step.make_train_step(config, graphdef), donate_argnums=0)
+    step = jax.jit(train_step.make_train_step(config, plan, graphdef), donate_argnums=0)
     schedule = schedules.make_schedules(config, steps_per_epoch=100, total_steps=1000).at(0)
     compiled = compilation.compile_step(step, state, batch, schedule)
     stats = compiled.executable.memory_analysis()

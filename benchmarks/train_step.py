@@ -51,6 +51,7 @@ from dora_jax import objects
 from dora_jax.trainer import compilation
 from dora_jax.trainer import flops as flops_lib
 from dora_jax.trainer import optim
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
@@ -184,17 +185,18 @@ class Row:
 
   def __init__(self, name: str, config, batch, head: str):
     self.name, self.batch = name, batch
-    graphdef, self.state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+    plan = plan_lib.TrainPlan.from_config(config)
+    graphdef, self.state = train_step.init_train_state(config, plan, rng=jax.random.PRNGKey(0))
     # The inputs of a step past the warm-up (the values do not change the step's time).
     self.schedule = schedules.make_schedules(config, steps_per_epoch=100,
                                              total_steps=1000).at(500)
     with _head_formula(head):
-      step = jax.jit(train_step.make_train_step(config, graphdef), donate_argnums=0)
+      step = jax.jit(train_step.make_train_step(config, plan, graphdef), donate_argnums=0)
       unrolled = None  # XLA counts a scan's body once: the FLOPs come from the unrolled twin.
-      unrolled_config = train_step.unrolled_config(config)
-      if unrolled_config is not None:
+      unrolled_plan = plan.unrolled()
+      if unrolled_plan is not None:
         unrolled = jax.jit(train_step.make_train_step(
-            unrolled_config, train_step.abstract_train_state(unrolled_config)[0]),
+            config, unrolled_plan, train_step.abstract_train_state(config, unrolled_plan)[0]),
             donate_argnums=0)
       compiled = compilation.compile_step(step, self.state, batch, self.schedule,
                                           unrolled=unrolled)
@@ -231,10 +233,11 @@ class Part:
 
 def _parts(config, batch) -> list[Part]:
   """The step of `config` cut into separately jitted parts on the same inputs."""
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, state = train_step.init_train_state(config, plan, rng=jax.random.PRNGKey(0))
   constants = state["constants"]
   model = lambda params: nnx.merge(graphdef, params, constants)
-  dora = train_step.dora_options(config)
+  dora = plan.masking
   key = jax.random.PRNGKey(1)
   frames = vit.normalize_images(batch["frames"])
   crops = vit.normalize_images(batch["crops"])

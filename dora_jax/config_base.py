@@ -3,6 +3,11 @@
 The defaults are the paper's run (DoRA ViT-S/16 on WT-Venice; docs/DESIGN.md has the table).
 Config files in `configs/` start from `get_base_config()` and change only what differs, parse
 their `:ARG` with `parse_arg`, and shrink for CPU smoke runs with `shrink_for_cpu`.
+
+The keys that dora-train and dora-finetune share (seed, run length, batch, mesh, checkpoint and
+log cadence) are declared once, by `add_run_length_keys` and `add_mesh_and_cadence_keys`, which
+dora_jax/finetune/config_base.py calls too; `trainer.preflight.check_run_keys` checks them for
+both programs.
 """
 import importlib.util
 import os
@@ -10,14 +15,35 @@ import os
 import ml_collections
 
 
+def add_run_length_keys(c: ml_collections.ConfigDict, *, batch_size: int
+                        ) -> ml_collections.ConfigDict:
+  """The seed and the run's length, shared by dora-train (examples: clips) and dora-finetune
+  (examples: images); `batch_size` is the program's default."""
+  c.seed = 0  # PRNG seed: parameters, the step's randomness (drop path, DoRA), the data order.
+  c.epochs = 100  # Passes over the training examples; sets total_steps when that is 0.
+  c.total_steps = 0  # Optimiser steps; 0 derives it from `epochs` and the number of examples.
+  c.batch_size = batch_size  # Global batch in examples (summed over all hosts and devices).
+  return c
+
+
+def add_mesh_and_cadence_keys(c: ml_collections.ConfigDict, *, checkpoint_every_steps: int,
+                              keep_checkpoints: int) -> ml_collections.ConfigDict:
+  """The mesh and the checkpoint and log cadence, shared by dora-train and dora-finetune;
+  the two numbers are the program's defaults."""
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices on the data-parallel axis (-1: all devices).
+  c.mesh.fsdp = 1  # Devices that shard parameters and optimizer state (FSDP axis).
+  c.mesh.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated under FSDP.
+  c.checkpoint_every_steps = checkpoint_every_steps  # Save every n steps, at the end, on SIGTERM.
+  c.keep_checkpoints = keep_checkpoints  # Checkpoints kept on disk.
+  c.log_every_steps = 50  # Metrics to TensorBoard, metrics.jsonl and the console.
+  return c
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0  # PRNG seed for parameters, the train step's randomness and the data order.
-
-  # ---- Schedule length. ----
-  c.epochs = 100  # Passes over the clips of the data; sets total_steps when that is 0.
-  c.total_steps = 0  # Train steps; 0 derives it from `epochs` and the number of clips.
-  c.batch_size = 128  # Global batch in clips (summed over all hosts and devices).
+  # ---- Seed and schedule length (a clip is one example). ----
+  add_run_length_keys(c, batch_size=128)
 
   # ---- Model. ----
   c.model = ml_collections.ConfigDict()
@@ -104,16 +130,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # `registry.config(TYPE, ...)`, which holds every key so --config.evals.NAME.KEY can set any.
   c.evals = ml_collections.ConfigDict()  # None by default.
 
-  # ---- Mesh and parallelism. ----
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Devices on the data-parallel axis (-1: all devices).
-  c.mesh.fsdp = 1  # Devices that shard parameters and optimizer state (FSDP axis).
-  c.mesh.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated under FSDP.
-
-  # ---- Checkpoints, logging, pictures. ----
-  c.checkpoint_every_steps = 1000  # Save every n steps (and at the end, and on SIGTERM).
-  c.keep_checkpoints = 3  # Checkpoints kept on disk.
-  c.log_every_steps = 50  # Metrics to TensorBoard, metrics.jsonl and the console.
+  # ---- Mesh, checkpoints, logging, pictures. ----
+  add_mesh_and_cadence_keys(c, checkpoint_every_steps=1000, keep_checkpoints=3)
   c.picture_every_steps = 1000  # Write a PNG of one clip's tracked objects (0: never).
   c.compilation_cache_dir = ""  # Compiled-step cache: "" $JAX_COMPILATION_CACHE_DIR or WORKDIR/jax_cache, "none" off, or a folder.
   return c

@@ -102,13 +102,15 @@ def save_untrained_run(workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dora_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top
 
   config = load_config(DEMO_CONFIG)
   config.model.dim, config.model.depth, config.model.num_heads = 32, 2, 2
   config.model.out_dim, config.model.head_hidden_dim, config.model.head_bottleneck_dim = 64, 32, 16
   config.data.global_size = 16
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  graphdef, state = train_step.init_train_state(config, plan_lib.TrainPlan.from_config(config),
+                                                rng=jax.random.PRNGKey(0))
   state = dict(state, student=jax.tree.map(jnp.zeros_like, state["student"]))
   checkpointer = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=1)
   checkpointer.save(1, state, {})

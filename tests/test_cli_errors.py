@@ -16,7 +16,7 @@ from dora_jax.cli import train as main
 from dora_jax import checkpoint
 from dora_jax.checkpoint import lock as workdir_lock
 from dora_jax.trainer import preflight
-from dora_jax.trainer import runner
+from dora_jax.cli import runner
 from dora_runs import DEMO_CONFIG, ROOT, demo_config, demo_flags
 
 

@@ -21,6 +21,7 @@ from dora_jax import pretrained
 from dora_jax.pretrained import export
 from dora_jax.pretrained import torch_checkpoint
 from dora_jax import checkpoint
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -387,7 +388,7 @@ def saved_run(tmp_path_factory):
                       head_hidden_dim=16, head_bottleneck_dim=8)
   config.data.global_size = IMG
   # The state's shapes without compiling anything, filled with random values.
-  graphdef, abstract = train_step.abstract_train_state(config)
+  graphdef, abstract = train_step.abstract_train_state(config, plan_lib.TrainPlan.from_config(config))
   rng = np.random.default_rng(0)
   state = jax.tree.map(
       lambda leaf: (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)

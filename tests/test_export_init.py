@@ -8,6 +8,7 @@ import numpy as np
 from dora_jax import config_base
 from dora_jax import pretrained
 from dora_jax.cli import export as export_main
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def test_init_export_is_the_runs_step_zero_teacher(tmp_path, capsys):
   # The reference: the trainer's initial state built eagerly (not through the command's jit).
   config = config_base.load_config_file(DEMO)
   graphdef, state = train_step.init_train_state(
-      config, rng=jax.random.PRNGKey(0))
+      config, plan_lib.TrainPlan.from_config(config), rng=jax.random.PRNGKey(0))
   reference = _params(train_step.teacher_backbone(graphdef, state))
   assert exported[0].keys() == reference.keys()
   for name, value in reference.items():

@@ -39,7 +39,7 @@ from dora_jax.pretrained import export
 from dora_jax import checkpoint
 from dora_jax.checkpoint import checksums
 from dora_jax.trainer import metrics
-from dora_jax.trainer import runner
+from dora_jax.cli import runner
 from dora_jax.trainer import sharding
 import dora_runs
 from dora_runs import set_key
@@ -599,7 +599,9 @@ def test_configs_document_their_command_and_use_base_keys(name):
 
 
 def test_every_base_key_has_a_comment():
-  source = open(os.path.join(ROOT, "dora_jax", "finetune", "config_base.py")).read()
+  # The keys shared with dora-train are declared (and commented) in dora_jax/config_base.py.
+  source = "".join(open(os.path.join(ROOT, "dora_jax", *path)).read()
+                   for path in (("finetune", "config_base.py"), ("config_base.py",)))
   for key in _flat_keys(config_base.get_base_config()):
     line = re.search(rf"^\s*c\.{re.escape(key)} = .*$", source, re.MULTILINE)
     assert line and "#" in line.group(0), f"base key {key} has no one-line comment"

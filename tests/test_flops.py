@@ -8,6 +8,7 @@ import pytest
 
 from dora_jax.trainer import compilation
 from dora_jax.trainer import flops
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 
 
@@ -84,8 +85,9 @@ def test_flops_of_a_scanned_step_are_those_of_the_unrolled_step(tiny_config):
 
   def jitted(scan):
     config = tiny_config(**{"model.depth": 5, "model.scan": scan, "model.dim": 128})
-    graphdef, state = train_step.abstract_train_state(config)
-    return jax.jit(train_step.make_train_step(config, graphdef),
+    plan = plan_lib.TrainPlan.from_config(config)
+    graphdef, state = train_step.abstract_train_state(config, plan)
+    return jax.jit(train_step.make_train_step(config, plan, graphdef),
                    in_shardings=(sharding.replicated(mesh), batch_sharding,
                                  sharding.replicated(mesh))), state
 

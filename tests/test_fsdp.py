@@ -14,6 +14,7 @@ import pytest
 from conftest import make_tiny_config
 from dora_jax import checkpoint
 from dora_jax.trainer import sharding
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
@@ -35,7 +36,8 @@ def _batches(config, count):
 def setup():
   config = make_tiny_config(**{"optim.warmup_epochs": 0, "optim.freeze_last_layer_epochs": 0,
                                "mesh.fsdp_min_size": MIN_SIZE, "optim.base_lr": BASE_LR})
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, state = train_step.init_train_state(config, plan, rng=jax.random.PRNGKey(0))
   return config, graphdef, jax.device_get(state), _batches(config, 3)
 
 
@@ -51,7 +53,7 @@ def _run(setup, data, fsdp, start_state=None, steps=3, first_batch=0):
   shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   if (data, fsdp) not in _STEPS:
     _STEPS[(data, fsdp)] = jax.jit(
-        train_step.make_train_step(config, graphdef),
+        train_step.make_train_step(config, plan_lib.TrainPlan.from_config(config), graphdef),
         in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)))
   step = _STEPS[(data, fsdp)]

@@ -164,7 +164,8 @@ def test_build_model_reads_the_config():
   config = tiny_model_config()
   config.compute_dtype = "bfloat16"
   # eval_shape: the structure without compiling every initialiser (and as the trainer plans).
-  model = nnx.eval_shape(lambda: dino.build_model(config, img_size=16, rngs=nnx.Rngs(0)))
+  options = dino.ModelOptions.from_config(config)
+  model = nnx.eval_shape(lambda: dino.build_model(options, img_size=16, rngs=nnx.Rngs(0)))
   assert isinstance(model, dino.DinoModel)
   assert model.backbone.size == vit.ViTSize(dim=32, depth=2, num_heads=4, patch_size=4)
   assert model.backbone.pos_embed.shape == (1, 17, 32)
@@ -193,22 +194,22 @@ def test_dino_model_call_under_jit():
   np.testing.assert_allclose(logits, numpy_head(random_head_weights(), out["cls"]), atol=1e-5)
 
 
-def test_build_model_rejects_unknown_dtype_and_variant():
+def test_model_options_reject_unknown_dtype_and_variant():
   config = tiny_model_config()
   config.compute_dtype = "float16"
   with pytest.raises(ValueError, match="compute_dtype"):
-    dino.build_model(config, img_size=16, rngs=nnx.Rngs(0))
+    dino.ModelOptions.from_config(config)
   config = config_base.get_base_config().model
   config.variant = "L/16"
   with pytest.raises(ValueError, match="'L/16'"):
-    dino.build_model(config, img_size=224, rngs=nnx.Rngs(0))
+    dino.ModelOptions.from_config(config)
 
 
 def test_multi_crop_equals_a_call_per_group_and_its_gradient():
   """One head call on both groups' [CLS] tokens: the logits and the gradient of a loss on them
   equal those of one call per group (drop path on, the same keys)."""
   config = tiny_model_config()
-  model = dino.build_model(config, img_size=16, rngs=nnx.Rngs(0))
+  model = dino.build_model(dino.ModelOptions.from_config(config), img_size=16, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   rng = np.random.default_rng(0)
   groups = [jnp.asarray(rng.standard_normal((3, 16, 16, 3)), jnp.float32),

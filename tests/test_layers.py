@@ -23,7 +23,7 @@ LAYERS = {
     4: ("dora_jax.trainer",),  # Runs the evaluators during pretraining.
     5: ("dora_jax.pretrained",),  # Reads a run's teacher (through dora_jax.checkpoint).
     6: ("dora_jax.finetune",),
-    7: ("dora_jax.cli",),  # One module per console script.
+    7: ("dora_jax.cli",),  # One module per console script; `runner`, shared by two.
 }
 
 

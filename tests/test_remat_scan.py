@@ -9,6 +9,7 @@ import pytest
 from dora_jax import config_base
 from dora_jax.models import dino
 from dora_jax.models import vit
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import preflight
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
@@ -19,7 +20,7 @@ def _model(**options):
   config.update(dict(dim=32, depth=4, num_heads=4, patch_size=8, out_dim=24, head_hidden_dim=32,
                      head_bottleneck_dim=16, drop_path_rate=0.3, remat="none", scan=False)
                 | options)  # The plain model unless told (the base config scans the blocks).
-  return dino.build_model(config, img_size=32, rngs=nnx.Rngs(0))
+  return dino.build_model(dino.ModelOptions.from_config(config), img_size=32, rngs=nnx.Rngs(0))
 
 
 def _run(model):
@@ -86,8 +87,9 @@ def test_train_step_with_remat_and_scan_equals_the_plain_step(tiny_config):
   for options in ({"model.scan": False, "model.remat": "none"},
                   {"model.remat": "dots", "model.scan": True}):
     config = tiny_config(**{"model.depth": 3, "model.drop_path_rate": 0.2, **options})
-    graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
-    step = jax.jit(train_step.make_train_step(config, graphdef))
+    plan = plan_lib.TrainPlan.from_config(config)
+    graphdef, state = train_step.init_train_state(config, plan, rng=jax.random.PRNGKey(0))
+    step = jax.jit(train_step.make_train_step(config, plan, graphdef))
     schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=100).at(0)
     results.append(step(state, batch, schedule))
   (plain_state, plain_metrics), (state, metrics) = results

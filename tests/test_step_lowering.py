@@ -13,6 +13,7 @@ import pytest
 
 from dora_runs import ROOT, load_config
 from dora_jax.trainer import loop
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
@@ -41,9 +42,10 @@ def test_paper_train_step_lowers_for_tpu_and_cuda(name):
   config.batch_size = 2  # A small batch: the operations do not depend on its size.
   if config.dora.enabled:
     config.data.frames_per_clip = 2  # Frame 0 and one tracked frame.
-  graphdef, abstract_state = train_step.abstract_train_state(config)
+  plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, abstract_state = train_step.abstract_train_state(config, plan)
   # The program the trainer jits: the step and its finiteness check; its schedule input.
-  step = jax.jit(loop.with_finite_check(train_step.make_train_step(config, graphdef),
+  step = jax.jit(loop.with_finite_check(train_step.make_train_step(config, plan, graphdef),
                                         trained=lambda state: state["student"]))
   inputs = schedules.make_schedules(config, steps_per_epoch=STEPS_PER_EPOCH,
                                     total_steps=TOTAL_STEPS).at(0)

@@ -19,6 +19,7 @@ import pytest
 from dora_jax import pretrained
 from dora_jax import checkpoint
 from dora_jax.trainer import metrics
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import preflight
 from dora_jax.trainer import sharding
 from dora_jax.trainer import step as train_step
@@ -82,7 +83,7 @@ def straight_run(launched):
 def _final_state(workdir, config):
   manager = checkpoint.Checkpointer(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=10)
   step = manager.latest_step()
-  _, abstract = train_step.abstract_train_state(config)
+  _, abstract = train_step.abstract_train_state(config, plan_lib.TrainPlan.from_config(config))
   mesh = sharding.make_mesh(config.mesh)
   abstract = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
   state, data_state = manager.restore(step, abstract)

@@ -13,6 +13,7 @@ from flax import nnx
 from conftest import make_tiny_config
 from dora_jax.models import vit
 from dora_jax.trainer import optim
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 from dora_jax.trainer import step as train_step
 
@@ -52,8 +53,9 @@ def tiny_batch(seed=0, batch=2, frames=2, crops=2, second_frames=False):
 def setup(config, steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL_STEPS):
   """(graphdef, state, step(state, batch)): the jitted step fed, as the trainer does, the host's
   schedule values at the state's step."""
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
-  jitted = jax.jit(train_step.make_train_step(config, graphdef))
+  plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, state = train_step.init_train_state(config, plan, rng=jax.random.PRNGKey(0))
+  jitted = jax.jit(train_step.make_train_step(config, plan, graphdef))
   schedule = schedules.make_schedules(config, steps_per_epoch=steps_per_epoch,
                                       total_steps=total_steps)
   step = lambda state, batch: jitted(state, batch, schedule.at(int(state["step"])))
@@ -118,7 +120,7 @@ def test_no_gradient_reaches_the_teacher(run, request):
   batch = tiny_batch(3, frames=1, second_frames=True) if run == "dino_run" else tiny_batch(3)
 
   def loss_of(params, teacher_params):
-    loss, _ = train_step.compute_loss(config, train_step.dora_options(config), graphdef, params,
+    loss, _ = train_step.compute_loss(config, plan_lib.TrainPlan.from_config(config).masking, graphdef, params,
                                       teacher_params, state["constants"], state["center"], batch,
                                       jnp.float32(0.04), jax.random.PRNGKey(5))
     return loss
@@ -152,7 +154,8 @@ def test_last_layer_frozen_during_first_epoch(dora_run):
 def test_no_weight_decay_on_one_dimensional_parameters():
   config = tiny_config()
   config.optim.weight_decay = config.optim.weight_decay_end = 0.5
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  graphdef, state = train_step.init_train_state(config, plan_lib.TrainPlan.from_config(config),
+                                                rng=jax.random.PRNGKey(0))
   schedule = schedules.make_schedules(config, steps_per_epoch=STEPS_PER_EPOCH,
                                       total_steps=TOTAL_STEPS)
   optimizer = optim.make_optimizer(config)
@@ -248,8 +251,8 @@ def test_keep_mode_with_bfloat16_matmuls():
 
 def test_visualize_fn_shapes(dora_run):
   config, graphdef, state, _ = dora_run
-  out = jax.jit(train_step.make_visualize_fn(config, graphdef))(state, tiny_batch(7),
-                                                                jax.random.PRNGKey(0))
+  out = jax.jit(train_step.make_visualize_fn(plan_lib.TrainPlan.from_config(config), graphdef))(
+      state, tiny_batch(7), jax.random.PRNGKey(0))
   assert out["frames"].shape == (2, 32, 32, 3) and out["frames"].dtype == jnp.uint8
   assert out["heatmaps"].shape == (2, 2, 32, 32)
   np.testing.assert_allclose(np.asarray(out["heatmaps"]).max(axis=(-1, -2)), 1.0, rtol=1e-6)

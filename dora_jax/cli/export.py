@@ -141,6 +141,7 @@ def export_init(config_spec: str, out_dir: str, *, seed: int | None = None) -> d
   """The teacher backbone of `config_spec` at initialisation (step 0, never trained) -> out_dir."""
   import jax  # pylint: disable=g-import-not-at-top
   from dora_jax import config_base  # pylint: disable=g-import-not-at-top
+  from dora_jax.trainer import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from dora_jax.trainer import step as train_step  # pylint: disable=g-import-not-at-top
 
   out_dir = export.check_new_folder(out_dir)
@@ -150,9 +151,10 @@ def export_init(config_spec: str, out_dir: str, *, seed: int | None = None) -> d
     raise _Error(str(e)) from None
   seed = config.seed if seed is None else seed
   # As the trainer initialises a run: one compiled init from PRNGKey(seed).
-  graphdef, _ = train_step.abstract_train_state(config)
+  train_plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, _ = train_step.abstract_train_state(config, train_plan)
   state = jax.jit(lambda rng: train_step.init_train_state(
-      config, rng=rng)[1])(jax.random.PRNGKey(seed))
+      config, train_plan, rng=rng)[1])(jax.random.PRNGKey(seed))
   backbone = train_step.teacher_backbone(graphdef, state)
   tmp_dir = export.temporary_sibling(out_dir, folder=True)
   try:

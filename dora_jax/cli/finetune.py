@@ -7,10 +7,10 @@ r"""`dora-finetune`: a linear probe or full fine-tuning of a trained backbone, a
 Every config key can be overridden with --config.KEY=VALUE (see dora_jax/finetune/config_base.py).
 Running the same command again in the same work folder resumes from its latest checkpoint. The
 flags, the one-line errors, the exit codes (2 bad input, 1 run failure, 130 Ctrl-C) and the log
-file (WORKDIR/dora-finetune.log) are dora-train's (`dora_jax.trainer.runner`), under this
+file (WORKDIR/dora-finetune.log) are dora-train's (`dora_jax.cli.runner`), under this
 program's name.
 """
-from dora_jax.trainer import runner
+from dora_jax.cli import runner
 
 NAME = "dora-finetune"
 

@@ -17,10 +17,10 @@ input (flags, config, a work folder in use or of another model), 1 when the run 
 a full disk, damaged checkpoints), 130 on Ctrl-C. Unexpected failures append their traceback, and
 the warnings and errors logged before them, to WORKDIR/dora-train.log; --verbose (or
 DORA_DEBUG=1) prints the traceback instead. The flags, errors and exit codes are
-`dora_jax.trainer.runner`'s, which dora-finetune shares.
+`dora_jax.cli.runner`'s, which dora-finetune shares.
 """
 from dora_jax import config_base
-from dora_jax.trainer import runner
+from dora_jax.cli import runner
 
 
 def _train(config, workdir: str) -> dict[str, float]:

@@ -14,7 +14,6 @@ from dora_jax.finetune import model as model_lib
 from dora_jax.models import dino
 from dora_jax import paths
 from dora_jax.trainer import preflight
-from dora_jax.trainer import sharding as sharding_lib
 
 
 DEMO_IMAGES_DIR = "demo_images"  # Under the work folder: the demo's generated image folders.
@@ -29,8 +28,8 @@ class ConfigError(preflight.ConfigError):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker."""
-  num_devices = jax.device_count()
+  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker;
+  those dora-train shares (mesh, batch, cadences, run length) by `preflight.check_run_keys`."""
   if config.mode not in model_lib.MODES:
     raise ConfigError(f"config mode={config.mode!r}: expected one of {model_lib.MODES}.")
   if config.backbone.init not in INITS:
@@ -42,20 +41,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config backbone.path is empty: pass --config.backbone.path=PATH (a "
                       "dora-train work folder, its checkpoints/STEP, or a dora-export folder).")
   try:
-    sharding_lib.mesh_shape(config.mesh, num_devices)
+    preflight.check_run_keys(config, min_checkpoint_every_steps=0)
+  except preflight.ConfigError as e:
+    raise ConfigError(str(e)) from None
+  try:
     dino.compute_dtype(config.backbone.compute_dtype)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.batch_size < 1 or config.batch_size % num_devices:
-    raise ConfigError(
-        f"config batch_size={config.batch_size} does not divide over the {num_devices} devices: "
-        f"use a multiple of {num_devices}.")
-  if config.batch_size % jax.process_count():
-    raise ConfigError(f"config batch_size={config.batch_size} does not divide over the "
-                      f"{jax.process_count()} processes.")
-  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
-    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
-                      "total_steps > 0, or total_steps=0 and epochs > 0.")
   checks = (
       ("linear.num_last_blocks", config.linear.num_last_blocks >= 1, "at least 1"),
       ("full.layer_decay", 0 < config.full.layer_decay <= 1, "in (0, 1]"),
@@ -71,8 +63,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       ("data.num_workers", config.data.num_workers >= 0, "at least 0"),
       ("data.num_threads", config.data.num_threads >= 1, "at least 1"),
       ("eval_every_epochs", config.eval_every_epochs >= 1, "at least 1"),
-      ("log_every_steps", config.log_every_steps >= 1, "at least 1"),
-      ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, "at least 0"),
   )
   for key, ok, expected in checks:
     if not ok:

@@ -1,20 +1,19 @@
 """The base config of dora-finetune: every key the fine-tuning loop reads, each with a comment.
 
 The defaults are DINO's linear evaluation of a ViT-S (eval_linear.py); configs/finetune_*.py
-start from here.
+start from here. The keys it shares with dora-train (seed, run length, batch, mesh, checkpoint
+and log cadence) are declared in dora_jax/config_base.py.
 """
 import ml_collections
+
+from dora_jax import config_base
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0  # PRNG seed for the head (and a random backbone), drop path and the data order.
+  # ---- Seed and schedule length (an image is one example; DINO's batch: 128 per GPU x 8). ----
+  config_base.add_run_length_keys(c, batch_size=1024)  # batch_size also for validation.
   c.mode = "linear"  # "linear": frozen backbone, linear classifier; "full": fine-tune everything.
-
-  # ---- Schedule length. ----
-  c.epochs = 100  # Passes over the training images; sets total_steps when that is 0.
-  c.total_steps = 0  # Optimiser steps; 0 derives it from `epochs` and the number of images.
-  c.batch_size = 1024  # Global batch in images (DINO: 128 per GPU x 8), also for validation.
 
   # ---- The backbone. ----
   c.backbone = ml_collections.ConfigDict()
@@ -54,16 +53,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 4  # grain worker processes per host for training images (0: main process).
   c.data.num_threads = 4  # Threads per data process reading and cropping images.
 
-  # ---- Mesh and parallelism. ----
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Devices on the data-parallel axis (-1: all devices).
-  c.mesh.fsdp = 1  # Devices that shard parameters and optimizer state (FSDP axis).
-  c.mesh.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated under FSDP.
-
-  # ---- Validation, checkpoints, logging. ----
+  # ---- Mesh, checkpoints (0: only at validations and the end), logging, validation. ----
+  config_base.add_mesh_and_cadence_keys(c, checkpoint_every_steps=0, keep_checkpoints=2)
   c.eval_every_epochs = 1  # Validation accuracy every n epochs (and after the last step).
-  c.checkpoint_every_steps = 0  # Also save every n steps (0: at validations and the end only).
-  c.keep_checkpoints = 2  # Checkpoints kept on disk.
-  c.log_every_steps = 50  # Training loss, accuracy and lr to TensorBoard, metrics.jsonl, console.
   c.compare_random_init = False  # Then train the same recipe from a random backbone; report both.
   return c

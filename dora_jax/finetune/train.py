@@ -250,12 +250,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   graphdef, backbone_params, size = load_initial_backbone(config, recipe)
 
   # 2. Mesh, state shapes and shardings.
-  mesh = sharding_lib.make_mesh(config.mesh)
+  mesh_plan = sharding_lib.MeshPlan.from_config(config.mesh)
+  mesh = mesh_plan.make()
   optimizer = model_lib.make_optimizer(recipe, size.depth)
   init = lambda params, rng: init_state(
       recipe, optimizer, model_lib.feature_dim(size.dim, recipe), params, rng)
   abstract_state = jax.eval_shape(init, backbone_params, jax.random.PRNGKey(config.seed))
-  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, mesh_plan.fsdp_min_size)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   logging.info("Mesh %s; %s on %d classes, %d training / %d validation images; %d steps (%d per "

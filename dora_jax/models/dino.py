@@ -1,6 +1,8 @@
-"""The student/teacher network: the ViT backbone and the DINO head, built from `config.model`."""
+"""The student/teacher network: the ViT backbone and the DINO head, built from `config.model`
+parsed once (`ModelOptions`)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flax import nnx
@@ -11,6 +13,7 @@ import numpy as np
 from dora_jax.models.head import DINOHead
 from dora_jax.models.vit import ViTSize
 from dora_jax.models.vit import VisionTransformer
+from dora_jax.models.vit import remat_policy
 from dora_jax.models.vit import resolve_size
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,6 +66,52 @@ def size_overrides(model_config) -> dict[str, int]:
   return {key: model_config.get(key) for key in keys if model_config.get(key)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """`config.model` parsed and checked once (dora_jax/config_base.py says what each key is).
+
+  Attributes:
+    variant: the ViT variant named in the config ("S/16").
+    size: the backbone's size: the variant's, with the config's non-zero overrides.
+    compute_dtype: "float32" or "bfloat16" (`COMPUTE_DTYPES`).
+    remat: one of `vit.REMAT_POLICIES`.
+    scan: ViT blocks 0..depth-2 under one lax.scan.
+    The others are the head's and the student's drop path, as in the config.
+  """
+  variant: str
+  size: ViTSize
+  drop_path_rate: float
+  head_hidden_dim: int
+  head_bottleneck_dim: int
+  head_layers: int
+  out_dim: int
+  norm_last_layer: bool
+  compute_dtype: str
+  remat: str
+  scan: bool
+
+  @classmethod
+  def from_config(cls, model_config) -> ModelOptions:
+    """Parses `config.model` (a saved config without `remat` or `scan` gets "none", False).
+
+    Raises:
+      ValueError: an unknown variant or dtype, an inconsistent size, a bad remat (one line).
+    """
+    compute_dtype(model_config.compute_dtype)
+    return cls(
+        variant=model_config.variant,
+        size=model_size(model_config),
+        drop_path_rate=float(model_config.drop_path_rate),
+        head_hidden_dim=int(model_config.head_hidden_dim),
+        head_bottleneck_dim=int(model_config.head_bottleneck_dim),
+        head_layers=int(model_config.head_layers),
+        out_dim=int(model_config.out_dim),
+        norm_last_layer=bool(model_config.norm_last_layer),
+        compute_dtype=model_config.compute_dtype,
+        remat=remat_policy(model_config.get("remat", "none")),
+        scan=bool(model_config.get("scan", False)))
+
+
 def model_size(model_config) -> ViTSize:
   """The backbone's size: the variant's, with the non-zero overrides of `config.model`.
 
@@ -72,22 +121,18 @@ def model_size(model_config) -> ViTSize:
   return resolve_size(model_config.variant, **size_overrides(model_config))
 
 
-def build_model(model_config, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
-  """Builds the `DinoModel` described by `config.model` (see dora_jax/config_base.py).
-
-  Non-zero `dim`, `depth`, `num_heads` and `patch_size` override the variant's values, for
-  tiny test and demo models.
-  """
-  dtype = compute_dtype(model_config.compute_dtype)
+def build_model(options: ModelOptions, *, img_size: int, rngs: nnx.Rngs) -> DinoModel:
+  """Builds the `DinoModel` that `options` (`config.model`, parsed) describes."""
+  dtype = compute_dtype(options.compute_dtype)
+  size = options.size
   backbone = VisionTransformer(
-      model_config.variant, img_size=img_size, drop_path_rate=model_config.drop_path_rate,
-      dtype=dtype, remat=model_config.get("remat", "none"), scan=model_config.get("scan", False),
-      rngs=rngs,
-      **size_overrides(model_config))
+      options.variant, img_size=img_size, drop_path_rate=options.drop_path_rate, dtype=dtype,
+      dim=size.dim, depth=size.depth, num_heads=size.num_heads, patch_size=size.patch_size,
+      remat=options.remat, scan=options.scan, rngs=rngs)
   head = DINOHead(
-      backbone.size.dim, model_config.out_dim, hidden_dim=model_config.head_hidden_dim,
-      bottleneck_dim=model_config.head_bottleneck_dim, num_layers=model_config.head_layers,
-      norm_last_layer=model_config.norm_last_layer, dtype=dtype, rngs=rngs)
+      size.dim, options.out_dim, hidden_dim=options.head_hidden_dim,
+      bottleneck_dim=options.head_bottleneck_dim, num_layers=options.head_layers,
+      norm_last_layer=options.norm_last_layer, dtype=dtype, rngs=rngs)
   return DinoModel(backbone, head)
 
 
@@ -97,14 +142,15 @@ def split_model(model: DinoModel) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   return nnx.split(model, nnx.Param, ...)
 
 
-def abstract_model(model_config, *, img_size: int) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """`split_model` of `build_model(model_config, img_size=...)` as jax.ShapeDtypeStructs: the
+def abstract_model(options: ModelOptions, *, img_size: int
+                   ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """`split_model` of `build_model(options, img_size=...)` as jax.ShapeDtypeStructs: the
   shapes of the student's or teacher's state (e.g. to read a run's teacher), nothing allocated."""
   graphdefs = []
 
   def init(rng: jax.Array) -> tuple[nnx.State, nnx.State]:
     graphdef, params, constants = split_model(
-        build_model(model_config, img_size=img_size, rngs=nnx.Rngs(params=rng)))
+        build_model(options, img_size=img_size, rngs=nnx.Rngs(params=rng)))
     graphdefs.append(graphdef)
     return params, constants
 

@@ -38,7 +38,7 @@ def load_backbone(path: str):
   workdir, checkpoint_dir, step = checkpoint.resolve_run(path)
   config = checkpoint.read_config(workdir)
   graphdef, abstract_teacher, constants = dino.abstract_model(
-      config.model, img_size=config.data.global_size)
+      dino.ModelOptions.from_config(config.model), img_size=config.data.global_size)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract_teacher = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_teacher)

@@ -4,9 +4,9 @@
   train             `train_and_evaluate`: DoRA/DINO pretraining, read top to bottom.
   loop              the loop dora-train and dora-finetune share (`Job`, `run`, `restore_or_init`,
                     `Preemption`: SIGTERM and Ctrl-C at a step boundary).
-  runner            their command line: flags, jax.distributed, one-line errors, exit codes, log.
   step              the train state, the loss of a batch, the jitted update.
-  preflight         every check before anything is written or compiled; the run plan.
+  plan              `TrainPlan`: the config's model, DoRA and mesh sections, parsed once.
+  preflight         every check before anything is written or compiled; the data plan.
   optim, schedules  AdamW with the decay mask and the frozen last layer; per-step schedules.
   sharding          the ('data', 'fsdp') mesh, the state's and the batch's shardings.
   metrics           metrics.jsonl, TensorBoard, the progress bar.

@@ -1,8 +1,9 @@
 """What `dora-train` checks before anything is written or compiled, in one place.
 
-Each rule has one owner, and these functions ask it: the mesh (`sharding.mesh_shape`), the model
-size (`models.dino.model_size`), the DoRA options (`objects.DoraOptions.from_config`) and the
-data (`data.pipeline.plan_clips`). Every failure is a `ConfigError` with one line naming the key,
+Each rule has one owner, and these functions ask it: the model, DoRA and mesh sections are parsed
+once into the run's plan (`plan.TrainPlan`: `dino.ModelOptions`, `objects.DoraOptions`,
+`sharding.MeshPlan`), which `check_config` returns; the data is planned by
+`data.pipeline.plan_clips`. Every failure is a `ConfigError` with one line naming the key,
 folder or value that is wrong and what to do.
 """
 from __future__ import annotations
@@ -17,11 +18,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from dora_jax.data import pipeline
-from dora_jax.models import dino
-from dora_jax.models import vit
 from dora_jax import paths
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import sharding
-from dora_jax.trainer import step as train_step
 
 DEMO_DATA_DIR = "demo_data"  # Under the work folder, when config.data.synthetic is set.
 
@@ -40,11 +39,18 @@ class RunPlan:
   total_steps: int
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker."""
+def check_run_keys(config: ml_collections.ConfigDict, *,
+                   min_checkpoint_every_steps: int = 1) -> None:
+  """Checks the keys dora-train and dora-finetune share (config_base.add_run_length_keys and
+  add_mesh_and_cadence_keys): the mesh, the batch, the cadences, the run length.
+
+  Args:
+    min_checkpoint_every_steps: 1, or 0 where 0 means "at validations and the end only"
+      (dora-finetune).
+  """
   num_devices, num_processes = jax.device_count(), jax.process_count()
   try:
-    sharding.mesh_shape(config.mesh, num_devices)
+    sharding.MeshPlan.from_config(config.mesh).shape(num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if config.batch_size < 1:
@@ -58,12 +64,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % num_processes:
     raise ConfigError(f"config batch_size={config.batch_size} does not divide over the "
                       f"{num_processes} processes.")
+  for key, minimum in (("checkpoint_every_steps", min_checkpoint_every_steps),
+                       ("log_every_steps", 1)):
+    if config[key] < minimum:
+      raise ConfigError(f"config {key}={config[key]}: must be at least {minimum}.")
+  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
+    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
+                      "total_steps > 0, or total_steps=0 and epochs > 0.")
+
+
+def check_config(config: ml_collections.ConfigDict) -> plan_lib.TrainPlan:
+  """Checks the keys whose mistakes would otherwise surface deep inside a compile or a worker;
+  returns the run's plan (the model, DoRA and mesh sections, parsed once)."""
+  check_run_keys(config)
   try:
-    size = dino.model_size(config.model)
-    vit.remat_policy(config.model.get("remat", "none"))
+    plan = plan_lib.TrainPlan.from_config(config)
   except ValueError as e:
-    raise ConfigError(f"config model: {e}") from None
-  if config.dora.enabled:
+    raise ConfigError(str(e)) from None
+  if plan.dora_enabled:
     if config.data.frames_per_clip < 2:
       raise ConfigError(
           f"config data.frames_per_clip={config.data.frames_per_clip}: must be at least 2 "
@@ -73,27 +91,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           f"config data.global_crops_per_frame={config.data.global_crops_per_frame}: DoRA masks "
           "one global view per frame; use 1, or dora.enabled=False for DINO's two crops.")
-    try:
-      train_step.dora_options(config)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
   elif config.data.global_crops_per_frame == 1 and config.data.num_local_crops == 0:
     raise ConfigError("config dora.enabled=False (DINO) with data.global_crops_per_frame=1 and "
                       "data.num_local_crops=0 leaves no pair of different views to learn from.")
   for key in ("global_size", "local_size"):
-    if config.data[key] % size.patch_size:
+    if config.data[key] % plan.model.size.patch_size:
       raise ConfigError(f"config data.{key}={config.data[key]} is not a multiple of the patch "
-                        f"size {size.patch_size}.")
+                        f"size {plan.model.size.patch_size}.")
   if 0 < config.data.global_pre_size < config.data.global_size:
     raise ConfigError(
         f"config data.global_pre_size={config.data.global_pre_size} is smaller than "
         f"data.global_size={config.data.global_size}: the global views are cut from it.")
-  for key in ("checkpoint_every_steps", "log_every_steps"):
-    if config[key] < 1:
-      raise ConfigError(f"config {key}={config[key]}: must be at least 1.")
-  if config.total_steps < 0 or (config.total_steps == 0 and config.epochs <= 0):
-    raise ConfigError(f"config total_steps={config.total_steps}, epochs={config.epochs}: set "
-                      "total_steps > 0, or total_steps=0 and epochs > 0.")
+  return plan
 
 
 def check_workdir(workdir: str) -> None:

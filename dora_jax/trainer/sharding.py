@@ -1,11 +1,12 @@
 """The device mesh and the NamedShardings of the batch and of the train state.
 
 The mesh has two axes, ('data', 'fsdp'). The batch is split over both of them (every device sees
-different clips). The state is replicated unless `config.mesh.fsdp > 1`: then every large array of
+different clips). The state is replicated unless `MeshPlan.fsdp > 1`: then every large array of
 the state (parameters of student and teacher, and the optimizer moments, which have the same
 shapes) is split over 'fsdp' along its largest dimension that divides evenly, as in big_vision's
 FSDP rule. XLA inserts the all-gathers and reduce-scatters this implies.
 """
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -19,40 +20,61 @@ MESH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**14
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """Resolves `mesh.data` (-1: the rest) and `mesh.fsdp` against the device count.
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+  """`config.mesh` parsed once: the devices asked for on each axis, and the FSDP threshold.
 
-  Raises:
-    ValueError: naming the key when the product does not equal the number of devices.
+  Attributes:
+    data: devices on the 'data' axis; -1: all that `fsdp` leaves.
+    fsdp: devices that shard parameters and optimizer state.
+    fsdp_min_size: arrays with fewer elements stay replicated.
   """
-  fsdp = int(mesh_config.fsdp)
-  data = int(mesh_config.data)
-  if fsdp < 1:
-    raise ValueError(f"config mesh.fsdp={fsdp}: must be at least 1.")
-  if data == -1:
-    if num_devices % fsdp:
+  data: int = -1
+  fsdp: int = 1
+  fsdp_min_size: int = FSDP_MIN_SIZE
+
+  @classmethod
+  def from_config(cls, mesh_config: ml_collections.ConfigDict) -> "MeshPlan":
+    return cls(data=int(mesh_config.data), fsdp=int(mesh_config.fsdp),
+               fsdp_min_size=int(mesh_config.get("fsdp_min_size", FSDP_MIN_SIZE)))
+
+  def shape(self, num_devices: int) -> tuple[int, int]:
+    """(data, fsdp) over `num_devices`, `data` -1 resolved.
+
+    Raises:
+      ValueError: naming the key when the product does not equal the number of devices.
+    """
+    fsdp, data = self.fsdp, self.data
+    if fsdp < 1:
+      raise ValueError(f"config mesh.fsdp={fsdp}: must be at least 1.")
+    if data == -1:
+      if num_devices % fsdp:
+        raise ValueError(
+            f"config mesh.fsdp={fsdp} does not divide the {num_devices} devices; "
+            f"choose a divisor of {num_devices}.")
+      data = num_devices // fsdp
+    if data < 1 or data * fsdp != num_devices:
       raise ValueError(
-          f"config mesh.fsdp={fsdp} does not divide the {num_devices} devices; "
-          f"choose a divisor of {num_devices}.")
-    data = num_devices // fsdp
-  if data < 1 or data * fsdp != num_devices:
-    raise ValueError(
-        f"config mesh.data={mesh_config.data} x mesh.fsdp={fsdp} must equal the number of "
-        f"devices ({num_devices}); set mesh.data=-1 to use all of them.")
-  return data, fsdp
+          f"config mesh.data={self.data} x mesh.fsdp={fsdp} must equal the number of "
+          f"devices ({num_devices}); set mesh.data=-1 to use all of them.")
+    return data, fsdp
+
+  def make(self, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp') mesh over `devices` (default: all, of all processes), Auto axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = self.shape(len(devices))
+    try:
+      # Orders devices by the physical interconnect (TPU torus), fsdp innermost.
+      grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices).reshape(shape)
+    return jax.sharding.Mesh(grid, MESH_AXES)
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp') mesh over all devices (of all processes), Auto axis types."""
-  devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  try:
-    # Orders devices by the physical interconnect (TPU torus), fsdp innermost.
-    grid = mesh_utils.create_device_mesh(shape, devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(shape)
-  return jax.sharding.Mesh(grid, MESH_AXES)
+  """`MeshPlan.make` of a `config.mesh`."""
+  return MeshPlan.from_config(mesh_config).make(devices)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

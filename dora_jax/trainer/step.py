@@ -10,6 +10,8 @@ The train state is one pytree (a dict) that orbax saves whole:
   center      (K,) float32, the EMA of the teacher's mean output
   rng         PRNG key (raw uint32 key data) for the step's randomness
 
+The model and the DoRA options come from the run's plan (`plan.TrainPlan`, the config's model,
+dora and mesh sections parsed once); the loss temperatures and the optimizer from the config.
 `make_train_step` returns `step(state, batch, schedule) -> (state, metrics)`; the trainer jits it
 with shardings and donation. `schedule` holds the step's learning rate, weight decay, teacher
 momentum and temperature (f32 scalars) and whether the head's last layer is frozen (bool), which
@@ -21,7 +23,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
@@ -30,6 +31,7 @@ from dora_jax.models import dino
 from dora_jax.models import vit
 from dora_jax import objects
 from dora_jax.trainer import optim
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules as schedules_lib
 
 TrainState = dict[str, Any]
@@ -37,12 +39,13 @@ Batch = dict[str, jax.Array]
 Schedule = dict[str, Any]  # `schedules.Schedules.at(step)`: NumPy or jax scalars.
 
 
-def build_model(config, rngs: nnx.Rngs) -> dino.DinoModel:
-  """The student/teacher architecture (backbone + DINO head) of the config."""
-  return dino.build_model(config.model, img_size=config.data.global_size, rngs=rngs)
+def build_model(plan: plan_lib.TrainPlan, rngs: nnx.Rngs) -> dino.DinoModel:
+  """The student/teacher architecture (backbone + DINO head) of the plan."""
+  return dino.build_model(plan.model, img_size=plan.image_size, rngs=rngs)
 
 
-def init_train_state(config, *, rng: jax.Array) -> tuple[nnx.GraphDef, TrainState]:
+def init_train_state(config, plan: plan_lib.TrainPlan, *,
+                     rng: jax.Array) -> tuple[nnx.GraphDef, TrainState]:
   """Fresh state: student initialised from `rng`, teacher a copy of it, zero centre.
 
   The initialisation runs as one compiled program (eagerly, each parameter shape would compile
@@ -52,7 +55,7 @@ def init_train_state(config, *, rng: jax.Array) -> tuple[nnx.GraphDef, TrainStat
 
   def init(rng: jax.Array) -> TrainState:
     init_rng, step_rng = jax.random.split(rng)
-    model = build_model(config, nnx.Rngs(params=init_rng))
+    model = build_model(plan, nnx.Rngs(params=init_rng))
     graphdef, params, constants = dino.split_model(model)
     graphdefs.append(graphdef)
     return {
@@ -61,7 +64,7 @@ def init_train_state(config, *, rng: jax.Array) -> tuple[nnx.GraphDef, TrainStat
         "teacher": jax.tree.map(jnp.copy, params),
         "constants": constants,
         "opt_state": optim.make_optimizer(config).init(params),
-        "center": jnp.zeros((config.model.out_dim,), jnp.float32),
+        "center": jnp.zeros((plan.model.out_dim,), jnp.float32),
         "rng": step_rng,
     }
 
@@ -209,15 +212,15 @@ def _dino_loss(config, teacher: dino.DinoModel, student: dino.DinoModel, center:
   return loss, aux
 
 
-def make_train_step(config, graphdef: nnx.GraphDef
+def make_train_step(config, plan: plan_lib.TrainPlan, graphdef: nnx.GraphDef
                     ) -> Callable[[TrainState, Batch, Schedule], tuple[TrainState, dict]]:
-  """The pure update `step(state, batch, schedule) -> (state, metrics)` for this config.
+  """The pure update `step(state, batch, schedule) -> (state, metrics)` for this config and plan.
 
   schedule: `schedules.Schedules.at(step)` of the state's step, f32 scalars (lr, weight_decay,
     teacher_momentum, teacher_temp) and the bool last_layer_frozen; the metrics echo the four.
   """
   optimizer = optim.make_optimizer(config)
-  dora = dora_options(config)
+  dora = plan.masking
 
   def step(state: TrainState, batch: Batch,
            schedule: Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -255,50 +258,24 @@ def make_train_step(config, graphdef: nnx.GraphDef
   return step
 
 
-def dora_options(config) -> objects.DoraOptions | None:
-  """`config.dora` parsed against the model (None for the DINO baseline).
-
-  Raises:
-    ValueError: one line naming the config key that is wrong.
-  """
-  if not config.dora.enabled:
-    return None
-  return objects.DoraOptions.from_config(config.dora,
-                                         num_heads=dino.model_size(config.model).num_heads)
-
-
-def make_visualize_fn(config, graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]]:
+def make_visualize_fn(plan: plan_lib.TrainPlan,
+                      graphdef: nnx.GraphDef) -> Callable[..., dict[str, jax.Array]]:
   """`fn(state, batch, rng)` -> what the teacher tracks in clip 0 of the batch (see
   `objects.picture_arrays`); the DINO baseline's teacher is shown tracking too."""
-  dora = objects.DoraOptions.from_config(config.dora,
-                                         num_heads=dino.model_size(config.model).num_heads)
 
   def visualize(state: TrainState, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     teacher = nnx.merge(graphdef, state["teacher"], state["constants"])
-    return objects.picture_arrays(dora, teacher.backbone, batch["frames"][:1], rng)
+    return objects.picture_arrays(plan.dora, teacher.backbone, batch["frames"][:1], rng)
 
   return visualize
 
 
-def unrolled_config(config) -> ml_collections.ConfigDict | None:
-  """`config` with `model.scan` off where its blocks are really scanned (more than 2), else None.
-
-  The same step without the loop: XLA's cost analysis counts a loop's body once, so the FLOPs of
-  a scanned step come from this twin's lowering (`compilation.compile_step(unrolled=...)`).
-  """
-  if not config.model.get("scan") or dino.model_size(config.model).depth <= 2:
-    return None
-  unrolled = config.copy_and_resolve_references()
-  unrolled.model.scan = False
-  return unrolled
-
-
-def abstract_train_state(config) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_train_state(config, plan: plan_lib.TrainPlan) -> tuple[nnx.GraphDef, TrainState]:
   """(graphdef, state as jax.ShapeDtypeStructs): the shapes, with nothing allocated."""
   graphdefs = []
 
   def init_state(rng):
-    graphdef, state = init_train_state(config, rng=rng)
+    graphdef, state = init_train_state(config, plan, rng=rng)
     graphdefs.append(graphdef)
     return state
 

@@ -1,7 +1,8 @@
 """DoRA pretraining behind `dora-train`, read top to bottom in banner sections.
 
   checks      `preflight`: config and work folder, then (the folder locked) the data
-              (one-line `ConfigError`s, before anything is written or compiled); the clip plan
+              (one-line `ConfigError`s, before anything is written or compiled); the run's
+              plan (`plan.TrainPlan`: model, DoRA options, mesh, parsed once), the clip plan
               and the run length.
   mesh        the ('data', 'fsdp') mesh, the state's shapes (`jax.eval_shape`), its shardings.
   update      the train step of `step.py`, jitted with those shardings, state donated.
@@ -31,6 +32,7 @@ from dora_jax.trainer import flops as flops_lib
 from dora_jax.trainer import loop
 from dora_jax.trainer import metrics as metrics_lib
 from dora_jax.trainer import pictures
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import preflight
 from dora_jax.trainer import schedules
 from dora_jax.trainer import sharding as sharding_lib
@@ -52,24 +54,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   # ---- Checks: nothing is written or compiled before they pass; then the folder is ours. ----
   workdir = paths.absolute(workdir)
-  preflight.check_config(config)
+  train_plan = preflight.check_config(config)  # The model, DoRA and mesh sections, parsed.
   preflight.check_workdir(workdir)
   with checkpoint.run_lock(workdir, command="dora-train"):
-    return _train_locked(config, workdir)
+    return _train_locked(config, train_plan, workdir)
 
 
-def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _train_locked(config: ml_collections.ConfigDict, train_plan: plan_lib.TrainPlan,
+                  workdir: str) -> dict[str, float]:
   plan = preflight.plan_run(config, workdir)  # The data: checked, made (the demo's), planned.
   workdir, total_steps = plan.workdir, plan.total_steps
   is_primary = jax.process_index() == 0
 
   # ---- Evaluators: their data is read now, so bad data fails before anything compiles. ----
+  # (They parse their own config sections until they join the plan as a registry.)
   evaluator = make_evaluator(config, plan)
 
   # ---- Mesh, state shapes and shardings. ----
-  mesh = sharding_lib.make_mesh(config.mesh)
-  graphdef, abstract_state = train_step.abstract_train_state(config)
-  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  mesh = train_plan.mesh.make()
+  graphdef, abstract_state = train_step.abstract_train_state(config, train_plan)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh,
+                                                train_plan.mesh.fsdp_min_size)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   logging.info("Mesh %s; %d steps (%d per epoch), global batch %d clips.", dict(mesh.shape),
@@ -81,24 +86,25 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   compilation.enable_cache(config.compilation_cache_dir, workdir)
   schedule = schedules.make_schedules(config, steps_per_epoch=plan.steps_per_epoch,
                                       total_steps=total_steps)
-  def jit_update(config, graphdef):
+  def jit_update(train_plan, graphdef):
     return jax.jit(
-        loop.with_finite_check(train_step.make_train_step(config, graphdef),
+        loop.with_finite_check(train_step.make_train_step(config, train_plan, graphdef),
                                trained=lambda state: state["student"]),
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0)
 
-  update = jit_update(config, graphdef)
+  update = jit_update(train_plan, graphdef)
   unrolled = None  # With the blocks scanned, the same step unrolled: for its FLOPs only.
-  unrolled_config = train_step.unrolled_config(config)
-  if unrolled_config is not None:
-    unrolled = jit_update(unrolled_config, train_step.abstract_train_state(unrolled_config)[0])
+  unrolled_plan = train_plan.unrolled()
+  if unrolled_plan is not None:
+    unrolled = jit_update(unrolled_plan,
+                          train_step.abstract_train_state(config, unrolled_plan)[0])
 
   # ---- Checkpoint: restore the latest, or initialise. ----
   checkpointer = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir),
                                          keep=config.keep_checkpoints)
-  init = jax.jit(lambda rng: train_step.init_train_state(config, rng=rng)[1],
+  init = jax.jit(lambda rng: train_step.init_train_state(config, train_plan, rng=rng)[1],
                  out_shardings=state_sharding)
   state, data_state, start_step = loop.restore_or_init(
       checkpointer, abstract_state, state_sharding,
@@ -127,9 +133,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       # Every process runs it, on its own devices.
       evaluate=lambda step, state: evaluator.run(train_step.teacher_backbone(graphdef, state),
                                                  step, total_steps),
-      after_step=make_picture_writer(config, graphdef, workdir, total_steps, replicated),
+      after_step=make_picture_writer(config, train_plan, graphdef, workdir, total_steps,
+                                     replicated),
       unrolled=unrolled, loop_shards=mesh.size,
-      peak_flops=flops_lib.device_peak(config.model.compute_dtype))  # Per device; None: unknown.
+      peak_flops=flops_lib.device_peak(train_plan.model.compute_dtype))  # Per device, or None.
   _, last_metrics = loop.run(job, state=state, start_step=start_step, data_iter=data_iter,
                              checkpointer=checkpointer)
   return last_metrics
@@ -149,13 +156,14 @@ def make_evaluator(config: ml_collections.ConfigDict,
     raise preflight.ConfigError(str(e).strip().splitlines()[0]) from None
 
 
-def make_picture_writer(config: ml_collections.ConfigDict, graphdef, workdir: str,
-                        total_steps: int, replicated):
+def make_picture_writer(config: ml_collections.ConfigDict, train_plan: plan_lib.TrainPlan,
+                        graphdef, workdir: str, total_steps: int, replicated):
   """The loop's `after_step`: the tracking picture every `picture_every_steps` and at the last
   step, to WORKDIR/pictures/step_STEP.png and TensorBoard (None when the config draws none)."""
   if not config.picture_every_steps:
     return None
-  picture_fn = jax.jit(train_step.make_visualize_fn(config, graphdef), out_shardings=replicated)
+  picture_fn = jax.jit(train_step.make_visualize_fn(train_plan, graphdef),
+                       out_shardings=replicated)
 
   def after_step(step: int, state, batch, writer: metrics_lib.MetricWriter) -> None:
     if step % config.picture_every_steps and step != total_steps:
