@@ -14,17 +14,21 @@ DoRA's clips x frames per clip) at the same learning rate per step (base_lr scal
 frames per clip, since the trainer scales base_lr by the batch), with the warm-ups, counted in
 epochs, scaled to the same number of steps.
 
-Arguments (after the colon, comma-separated): method=dora|dino, data=DIR, steps=N.
+Arguments (after the colon, comma-separated): method=dora|dino, data=DIR, steps=N, views=DIR
+(the held-out object views, VIEWS/train and VIEWS/val, as make_eval_data.py writes them) and
+knn_every=N: with both, the k-NN on those views every N steps and at the last step, at the
+training resolution, logged as knn/top1 (a learning curve from one run).
 """
 import os
 
 import ml_collections
 
 from dora_jax import config_base
+from dora_jax.evaluation import registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_base.parse_arg(arg, method="dora", data="", steps=3000)
+  args = config_base.parse_arg(arg, method="dora", data="", steps=3000, views="", knn_every=0)
   if args.method not in ("dora", "dino"):
     raise ValueError(f"configs/experiment.py: method must be dora or dino, got {args.method!r}.")
   # The demo's recipe (configs/demo.py says why each value), on the experiment's tour.
@@ -37,6 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 1
   c.log_every_steps = 50
   c.picture_every_steps = 0
+  if args.views and args.knn_every:
+    c.evals.knn = registry.config(
+        "knn", every_steps=args.knn_every, train=os.path.join(args.views, "train"),
+        val=os.path.join(args.views, "val"), resize_size=c.data.global_size,
+        crop_size=c.data.global_size)
   if args.method == "dino":
     frames_per_clip = c.data.frames_per_clip
     config_base.dino_baseline(c)
