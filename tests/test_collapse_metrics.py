@@ -9,6 +9,7 @@ from flax import nnx
 
 from conftest import make_tiny_config
 from dora_jax.models import vit
+from dora_jax.trainer import plan as plan_lib
 from dora_jax.trainer import schedules
 from dora_jax.trainer import sharding
 from dora_jax.trainer import step as train_step
@@ -53,13 +54,14 @@ def run(request):
   the teacher's logits of the same batch computed unsharded, the teacher temperature)); the
   jitted step compiles once for both tests."""
   config = _config(request.param)
-  graphdef, state = train_step.init_train_state(config, rng=jax.random.PRNGKey(0))
+  plan = plan_lib.TrainPlan.from_config(config)
+  graphdef, state = train_step.init_train_state(config, plan, rng=jax.random.PRNGKey(0))
   schedule = schedules.make_schedules(config, steps_per_epoch=10, total_steps=100).at(0)
   local = _batch(config, 0)
   mesh = sharding.make_mesh(config.mesh)
   assert mesh.shape["data"] == 4
   batch = sharding.global_batch(local, sharding.batch_sharding(mesh))
-  step = jax.jit(train_step.make_train_step(config, graphdef))
+  step = jax.jit(train_step.make_train_step(config, plan, graphdef))
   views = np.concatenate([local[key] for key in ("frames", "second_frames") if key in local])
 
   @jax.jit
