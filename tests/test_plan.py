@@ -81,3 +81,20 @@ def test_a_saved_config_without_newer_keys_still_parses():
   assert options.size == vit.VARIANTS["Ti/16"]
   mesh = sharding.MeshPlan.from_config(ml_collections.ConfigDict({"data": 1, "fsdp": 4}))
   assert mesh.fsdp_min_size == sharding.FSDP_MIN_SIZE and mesh.shape(4) == (1, 4)
+
+
+def test_plan_holds_the_evaluations_that_are_on(tiny_config):
+  from dora_jax.evaluation import registry  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config()
+  config.evals.knn = registry.config("knn", every_steps=5, train="/a", val="/b", k=7)
+  config.evals.seg_off = registry.config("seg", data="/c")  # every_steps 0: off.
+  plan = plan_lib.TrainPlan.from_config(config)
+  assert [(e.name, e.type, e.every_steps) for e in plan.evals] == [("knn", "knn", 5)]
+  values = plan.evals[0].values
+  assert (values["train"], values["val"], values["k"]) == ("/a", "/b", 7)
+  assert set(values) == set(registry.module("knn").DEFAULTS)  # The module's defaults filled in.
+
+  config.evals.knn.every_steps = -1
+  with pytest.raises(ValueError, match=r"config\.evals\.knn\.every_steps"):
+    plan_lib.TrainPlan.from_config(config)

@@ -1,12 +1,12 @@
 """Evaluations during pretraining (big_vision's evaluators): the `config.evals` registry entries.
 
 `config.evals.NAME` (see `registry`) runs the evaluator of its `type` every `every_steps` train
-steps and at the last step (0: never). The trainer builds one `PeriodicEvaluator` from the config
-and, when `due(step, total_steps)`, calls `run(teacher_backbone, step, total_steps)` on every
+steps and at the last step (0: never). The trainer builds one `PeriodicEvaluator` from its run plan
+(the entries parsed once, `registry.parse_evals`) and, when `due(step, total_steps)`, calls `run(teacher_backbone, step, total_steps)` on every
 process; each value of an evaluation's report in its module's SCORES goes to metrics.jsonl and
 TensorBoard as NAME/KEY (`knn/top1`, `davis/J&F`, `discover/CorLoc`, `seg/mIoU`, `track/track_iou`):
 
-  evaluator = periodic.PeriodicEvaluator.from_config(config, demo_tour=...)
+  evaluator = periodic.PeriodicEvaluator.build(plan.evals, size=..., run=registry.Run(...))
   ...
   if evaluator.due(step, total_steps):
     writer.write_scalars(step, evaluator.run(train_step.teacher_backbone(graphdef, state), step,
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import ml_collections
 
 from dora_jax.evaluation import registry
 from dora_jax.models import dino
+from dora_jax.models import vit
 from dora_jax import objects
 
 
@@ -51,36 +52,40 @@ class PeriodicEvaluator:
     self.scheduled = scheduled
 
   @classmethod
+  def build(cls, settings: Sequence[registry.EvalSettings], *, size: vit.ViTSize,
+            run: registry.Run) -> "PeriodicEvaluator":
+    """Builds the evaluators of `settings` (reading their data) for a backbone of `size`.
+
+    Raises:
+      registry.SettingError: a setting that does not fit (one line naming config.evals.NAME.KEY);
+        the evaluators' ERRORS (bad data).
+    """
+    scheduled = []
+    for entry in settings:
+      evaluator = registry.module(entry.type).Evaluator(
+          dict(entry.values), name_of=registry.config_key_namer(entry.name), run=run)
+      evaluator.check(size)
+      scheduled.append(Scheduled(entry.name, entry.type, entry.every_steps, evaluator))
+    return cls(scheduled)
+
+  @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *,
                   demo_tour: str | None = None) -> "PeriodicEvaluator":
-    """Builds the evaluators of `config.evals` with every_steps > 0 (reading their data).
+    """`build` from a training config's sections, parsed here (the trainer passes its plan's).
 
     Args:
       config: a training config.
       demo_tour: the run's synthetic tour (data.synthetic), for a track evaluation's data "demo".
-
-    Raises:
-      registry.SettingError: a bad key or value (one line naming config.evals.NAME.KEY); the
-        evaluators' ERRORS (bad data).
     """
-    sections = {name: section for name, section in config.get("evals", {}).items()
-                if section.get(registry.EVERY_STEPS_KEY, 0) != 0}
-    if not sections:
+    settings = registry.parse_evals(config.get("evals", {}))
+    if not settings:
       return cls([])
     size = dino.model_size(config.model)
-    run = registry.Run(
+    return cls.build(settings, size=size, run=registry.Run(
         image_size=int(config.data.global_size), frames_per_clip=int(config.data.frames_per_clip),
         frame_stride=int(config.data.frame_stride),
         dora=objects.DoraOptions.from_config(config.dora, num_heads=size.num_heads),
-        seed=int(config.seed), demo_tour=demo_tour)
-    scheduled = []
-    for name, section in sections.items():
-      type_name, every_steps, values = registry.config_values(name, section)
-      evaluator = registry.module(type_name).Evaluator(
-          values, name_of=registry.config_key_namer(name), run=run)
-      evaluator.check(size)
-      scheduled.append(Scheduled(name, type_name, every_steps, evaluator))
-    return cls(scheduled)
+        seed=int(config.seed), demo_tour=demo_tour))
 
   @property
   def enabled(self) -> bool:

@@ -107,6 +107,29 @@ def config_values(name: str, section: Mapping[str, Any]) -> tuple[str, int, dict
   return type_name, every_steps, {**defaults, **section}
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """One `config.evals.NAME` entry that is on, parsed: what the trainer's plan holds."""
+  name: str  # NAME: the prefix of its metrics.
+  type: str  # Its TYPE in `TYPES`.
+  every_steps: int  # > 0.
+  values: Mapping[str, Any]  # Every key of the module's DEFAULTS.
+
+
+def parse_evals(evals: Mapping[str, Any]) -> tuple[EvalSettings, ...]:
+  """The entries of `config.evals` with every_steps > 0, parsed and checked (`config_values`).
+
+  Raises:
+    SettingError: a bad type, key or every_steps (one line naming config.evals.NAME.KEY).
+  """
+  parsed = []
+  for name, section in evals.items():
+    type_name, every_steps, values = config_values(name, section)
+    if every_steps:
+      parsed.append(EvalSettings(name, type_name, every_steps, values))
+  return tuple(parsed)
+
+
 def config_key_namer(name: str) -> Callable[[str], str]:
   return lambda key: f"config.evals.{name}.{key}"
 

@@ -1,18 +1,16 @@
-"""The plan of a DoRA run: its config's model, DoRA and mesh sections, parsed once at the start.
+"""The plan of a DoRA run: its config's model, DoRA, mesh and evals sections, parsed once at the start.
 
 `preflight.check_config` builds it before anything is written or compiled; the train state, the
-step, the pictures, the shardings and the FLOPs take it, and nothing after that reads
-`config.model`, `config.dora` or `config.mesh` again:
+step, the pictures, the shardings, the FLOPs and the evaluators take it, and nothing after that
+reads `config.model`, `config.dora`, `config.mesh` or `config.evals` again:
 
   model       `dino.ModelOptions`: the ViT's size and options, the head, the compute dtype.
   dora        `objects.DoraOptions`: objects, Sinkhorn, masks (the pictures track with them in
               the DINO baseline too); `masking` is what the step uses (None for DINO).
   mesh        `sharding.MeshPlan`: the devices on each axis and the FSDP threshold.
   image_size  the global views' side (`data.global_size`): the position-embedding grid.
-
-The evaluators during pretraining still read their own settings from the config
-(`evaluation.periodic`); once they are a registry (`config.evals.NAME`), their parsed settings
-join this plan as one more field, built in `from_config`.
+  evals       `registry.EvalSettings` of each `config.evals.NAME` that is on (type, cadence,
+              every setting): what `periodic.PeriodicEvaluator.build` runs.
 """
 from __future__ import annotations
 
@@ -20,6 +18,7 @@ import dataclasses
 
 import ml_collections
 
+from dora_jax.evaluation import registry
 from dora_jax.models import dino
 from dora_jax import objects
 from dora_jax.trainer import sharding
@@ -33,10 +32,11 @@ class TrainPlan:
   dora: objects.DoraOptions
   mesh: sharding.MeshPlan
   image_size: int
+  evals: tuple[registry.EvalSettings, ...] = ()  # config.evals entries that are on.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> TrainPlan:
-    """Parses `config.model`, `config.dora`, `config.mesh` and `data.global_size`.
+    """Parses `config.model`, `config.dora`, `config.mesh`, `data.global_size` and `config.evals`.
 
     Raises:
       ValueError: one line naming the key that is wrong (model keys as `config model: ...`).
@@ -49,7 +49,8 @@ class TrainPlan:
         model=model, dora_enabled=bool(config.dora.enabled),
         dora=objects.DoraOptions.from_config(config.dora, num_heads=model.size.num_heads),
         mesh=sharding.MeshPlan.from_config(config.mesh),
-        image_size=int(config.data.global_size))
+        image_size=int(config.data.global_size),
+        evals=registry.parse_evals(config.get("evals", {})))
 
   @property
   def masking(self) -> objects.DoraOptions | None:

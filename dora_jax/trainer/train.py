@@ -25,6 +25,7 @@ import numpy as np
 
 from dora_jax.data import pipeline
 from dora_jax.evaluation import periodic
+from dora_jax.evaluation import registry
 from dora_jax import checkpoint
 from dora_jax import paths
 from dora_jax.trainer import compilation
@@ -67,8 +68,7 @@ def _train_locked(config: ml_collections.ConfigDict, train_plan: plan_lib.TrainP
   is_primary = jax.process_index() == 0
 
   # ---- Evaluators: their data is read now, so bad data fails before anything compiles. ----
-  # (They parse their own config sections until they join the plan as a registry.)
-  evaluator = make_evaluator(config, plan)
+  evaluator = make_evaluator(config, train_plan, plan)
 
   # ---- Mesh, state shapes and shardings. ----
   mesh = train_plan.mesh.make()
@@ -145,13 +145,19 @@ def _train_locked(config: ml_collections.ConfigDict, train_plan: plan_lib.TrainP
 # ---- Helpers of the loop. ----
 
 
-def make_evaluator(config: ml_collections.ConfigDict,
+def make_evaluator(config: ml_collections.ConfigDict, train_plan: plan_lib.TrainPlan,
                    plan: preflight.RunPlan) -> periodic.PeriodicEvaluator:
-  """The evaluators of `config.evals` (none by default); bad settings or data: ConfigError."""
+  """The evaluators of the plan (none by default); bad settings or data: ConfigError."""
+  if not train_plan.evals:
+    return periodic.PeriodicEvaluator([])
   demo_tour = (paths.join(plan.workdir, preflight.DEMO_DATA_DIR) if config.data.synthetic
                else None)
+  run = registry.Run(
+      image_size=train_plan.image_size, frames_per_clip=int(config.data.frames_per_clip),
+      frame_stride=int(config.data.frame_stride), dora=train_plan.dora, seed=int(config.seed),
+      demo_tour=demo_tour)
   try:
-    return periodic.PeriodicEvaluator.from_config(config, demo_tour=demo_tour)
+    return periodic.PeriodicEvaluator.build(train_plan.evals, size=train_plan.model.size, run=run)
   except (ValueError, OSError) as e:
     raise preflight.ConfigError(str(e).strip().splitlines()[0]) from None
 
