@@ -62,12 +62,7 @@ def render(*, instances_per_class: int, views_per_instance: int, size: int, seed
       sprite = synthetic.object_sprite(class_id, 2 * size, synthetic.random_colours(rng))
       for _ in range(views_per_instance):
         image = _background(pictures, size, rng)
-        side = max(8, int(round(rng.uniform(0.5, 0.8) * size)))
-        view = sprite.resize((side, side), Image.BILINEAR).rotate(
-            float(rng.uniform(0, 360)), resample=Image.BILINEAR, expand=True)
-        shift = rng.uniform(-0.1, 0.1, size=2) * size
-        image.paste(view, (int(round((size - view.width) / 2 + shift[0])),
-                           int(round((size - view.height) / 2 + shift[1]))), view)
+        synthetic.place_object(image, sprite, rng)
         images.append(np.asarray(image))
         labels.append(class_id)
   return np.stack(images), np.array(labels, np.int64)

@@ -256,6 +256,18 @@ def generate_walking_tour(path_mp4: str, *, num_frames: int = 300, width: int = 
           "class_names": CLASS_NAMES[:num_classes]}
 
 
+def place_object(image: Image.Image, sprite: Image.Image, rng: np.random.Generator) -> None:
+  """Pastes `sprite` (RGBA) into the square `image` as the object views show it: scaled to
+  0.5-0.8 of the side, turned at random, near the centre (within 0.1 of the side)."""
+  size = image.width
+  side = max(8, int(round(rng.uniform(0.5, 0.8) * size)))
+  view = sprite.resize((side, side), Image.BILINEAR).rotate(
+      float(rng.uniform(0, 360)), resample=Image.BILINEAR, expand=True)
+  shift = rng.uniform(-0.1, 0.1, size=2) * size
+  image.paste(view, (int(round((size - view.width) / 2 + shift[0])),
+                     int(round((size - view.height) / 2 + shift[1]))), view)
+
+
 def render_object_views(*, num_classes: int, instances_per_class: int, views_per_instance: int,
                         size: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
   """Clean views of single objects, for classifying object kinds (k-NN, linear probe).
@@ -285,12 +297,7 @@ def render_object_views(*, num_classes: int, instances_per_class: int, views_per
         y0 = int(rng.integers(0, panorama.height - window))
         image = panorama.resize((size, size), Image.BILINEAR,
                                 box=(x0, y0, x0 + window, y0 + window))
-        side = max(8, int(round(rng.uniform(0.5, 0.8) * size)))
-        view = sprite.resize((side, side), Image.BILINEAR).rotate(
-            float(rng.uniform(0, 360)), resample=Image.BILINEAR, expand=True)
-        shift = rng.uniform(-0.1, 0.1, size=2) * size
-        image.paste(view, (int(round((size - view.width) / 2 + shift[0])),
-                           int(round((size - view.height) / 2 + shift[1]))), view)
+        place_object(image, sprite, rng)
         images.append(np.asarray(image))
         labels.append(class_id)
         instances.append(len(instances) // views_per_instance)
