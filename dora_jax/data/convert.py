@@ -205,6 +205,15 @@ class _EntryShards:
       self.writer = None
 
 
+def _discard_entry(out_dir: str, manifest: dict[str, Any], entry: dict[str, Any]) -> None:
+  """Removes an unfinished entry's shards and indexes, and the entry from the manifest."""
+  for shard in entry["shards"]:
+    for name in (shard["file"], shard["file"] + tfrecord.INDEX_SUFFIX):
+      if os.path.exists(os.path.join(out_dir, name)):
+        os.remove(os.path.join(out_dir, name))
+  manifest["videos"].remove(entry)
+
+
 def _check_shard(path: str, num_records: int, verify: bool,
                  report: Callable[[str], None]) -> str | None:
   """None when a listed shard is whole, else what is wrong with it.
@@ -294,11 +303,7 @@ def convert_video(path: str, out_dir: str, manifest: dict[str, Any], options: Op
   if entry is not None and (entry["source_bytes"] != source_bytes or
                             os.path.basename(entry["source"]) != os.path.basename(path)):
     if not entry["complete"]:  # An unfinished conversion of an older file: start over.
-      for shard in entry["shards"]:
-        for name in (shard["file"], shard["file"] + tfrecord.INDEX_SUFFIX):
-          if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-      manifest["videos"].remove(entry)
+      _discard_entry(out_dir, manifest, entry)
       entry = None
     else:
       raise ConversionError(
@@ -474,11 +479,7 @@ def convert_images(spec: str, out_dir: str, manifest: dict[str, Any], options: O
   if entry is not None and (entry.get("source") != frames.source or
                             entry.get("source_images") != len(frames)):
     if not entry["complete"]:  # An unfinished conversion of other images: start over.
-      for shard in entry["shards"]:
-        for name in (shard["file"], shard["file"] + tfrecord.INDEX_SUFFIX):
-          if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-      manifest["videos"].remove(entry)
+      _discard_entry(out_dir, manifest, entry)
       entry = None
     else:
       raise ConversionError(
